@@ -1,0 +1,64 @@
+//! Acknowledge stage: dead letters and `XACK`, in one atomic round trip.
+
+use redis::aio::ConnectionManager;
+
+use crate::error::Result;
+use crate::stream_id::StreamId;
+
+/// An entry the worker will not apply, with the reason.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The original entry id.
+    pub id: StreamId,
+    /// The original fields, as read.
+    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Why it was not applied.
+    pub reason: String,
+}
+
+/// Where a batch is acknowledged.
+#[derive(Debug, Clone)]
+pub struct Acker {
+    /// Events stream.
+    pub stream: String,
+    /// Consumer group.
+    pub group: String,
+    /// Dead-letter stream.
+    pub dead_letter_stream: String,
+}
+
+impl Acker {
+    /// Appends the dead letters, then acknowledges `ids`, in one `MULTI`/`EXEC`: either both
+    /// happen or neither, so a retry never writes a dead letter twice.
+    pub async fn finish(
+        &self,
+        con: &mut ConnectionManager,
+        dead: &[DeadLetter],
+        ids: &[StreamId],
+    ) -> Result<()> {
+        if dead.is_empty() && ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for d in dead {
+            let cmd = pipe.cmd("XADD").arg(&self.dead_letter_stream).arg("*");
+            cmd.arg("error").arg(&d.reason);
+            cmd.arg("entry_id").arg(d.id.to_string());
+            cmd.arg("stream").arg(&self.stream);
+            for (k, v) in &d.fields {
+                cmd.arg(k).arg(v);
+            }
+            cmd.ignore();
+        }
+        if !ids.is_empty() {
+            let cmd = pipe.cmd("XACK").arg(&self.stream).arg(&self.group);
+            for id in ids {
+                cmd.arg(id.to_string());
+            }
+            cmd.ignore();
+        }
+        pipe.query_async::<()>(con).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! The command line: flags (also read from the environment) and the subcommands.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{GroupStart, WorkerConfig};
+use crate::error::{Error, Result};
+use crate::event::{Event, EventType, Meta};
+use crate::keys::Keys;
+
+/// presence-worker: exact presence state from a Redis Stream of join/leave/heartbeat events.
+#[derive(Debug, Parser)]
+#[command(name = "presence-worker", version, about)]
+pub struct Cli {
+    /// Options every subcommand shares.
+    #[command(flatten)]
+    pub common: Common,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand shares.
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Redis URL.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        global = true
+    )]
+    pub redis_url: String,
+    /// Events stream.
+    #[arg(
+        long,
+        env = "PRESENCE_STREAM",
+        default_value = "sessions:events",
+        global = true
+    )]
+    pub stream: String,
+    /// Prefix of the state keys.
+    #[arg(
+        long,
+        env = "PRESENCE_PREFIX",
+        default_value = "sessions",
+        global = true
+    )]
+    pub prefix: String,
+    /// Log format.
+    #[arg(long, env = "PRESENCE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// How logs are written (filtered by `RUST_LOG`, default `info`).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume the stream and maintain presence state until SIGTERM/SIGINT.
+    Run(RunArgs),
+    /// Append one event in the MessagePack form.
+    Publish(PublishArgs),
+    /// Print the users, the count and the sessions of a document.
+    Inspect {
+        /// Document id.
+        doc: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a worker beside a demo producer and show presence changing (starts a local Redis when
+    /// none is reachable at a loopback URL).
+    Demo(crate::demo::DemoArgs),
+}
+
+/// Flags of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Consumer group.
+    #[arg(long, env = "PRESENCE_GROUP", default_value = "presence")]
+    pub group: String,
+    /// Consumer name, stable per replica (default: the host name).
+    #[arg(long, env = "PRESENCE_CONSUMER")]
+    pub consumer: Option<String>,
+    /// Most entries per batch.
+    #[arg(long, env = "PRESENCE_BATCH", default_value_t = 500)]
+    pub batch: usize,
+    /// How long one read waits for new entries.
+    #[arg(long, env = "PRESENCE_BLOCK", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub block: Duration,
+    /// Dead-letter stream.
+    #[arg(
+        long,
+        env = "PRESENCE_DEAD_LETTER_STREAM",
+        default_value = "sessions:events:dead"
+    )]
+    pub dead_letter_stream: String,
+    /// How long ended sessions are remembered for ordering and de-duplication.
+    #[arg(long, env = "PRESENCE_HISTORY", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub history: Duration,
+    /// Where a newly created group starts: `begin` (all entries) or `end` (new ones only).
+    #[arg(long, env = "PRESENCE_GROUP_START", default_value = "begin", value_parser = ["begin", "end"])]
+    pub group_start: String,
+}
+
+impl RunArgs {
+    /// The worker configuration these flags describe.
+    pub fn config(&self, common: &Common) -> WorkerConfig {
+        let consumer = self.consumer.clone().unwrap_or_else(default_consumer);
+        let mut c = WorkerConfig::new(&common.redis_url, consumer);
+        c.stream.clone_from(&common.stream);
+        c.prefix.clone_from(&common.prefix);
+        c.group.clone_from(&self.group);
+        c.batch = self.batch;
+        c.block = self.block;
+        c.dead_letter_stream.clone_from(&self.dead_letter_stream);
+        c.history = self.history;
+        c.group_start = if self.group_start == "end" {
+            GroupStart::End
+        } else {
+            GroupStart::Beginning
+        };
+        c
+    }
+}
+
+/// The host name, the default consumer name.
+pub fn default_consumer() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .unwrap_or_else(|_| "presence-worker".into())
+}
+
+/// Flags of `publish`.
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// `join`, `leave` or `heartbeat`.
+    #[arg(value_parser = ["join", "leave", "heartbeat"])]
+    pub kind: String,
+    /// Document id.
+    #[arg(long)]
+    pub doc: String,
+    /// User id.
+    #[arg(long)]
+    pub user: String,
+    /// Session (tab) id; default: the user's single session.
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Per-session sequence number.
+    #[arg(long)]
+    pub seq: Option<u64>,
+    /// Per-session data, `key=value`, repeatable.
+    #[arg(long, value_parser = parse_meta_pair)]
+    pub meta: Vec<(String, String)>,
+}
+
+fn parse_meta_pair(s: &str) -> std::result::Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("expected key=value, got {s:?}"))
+}
+
+/// Runs the parsed command line.
+pub async fn execute(cli: Cli) -> Result<()> {
+    let common = &cli.common;
+    match cli.command {
+        Command::Run(args) => {
+            let token = CancellationToken::new();
+            crate::shutdown::cancel_on_signals(token.clone());
+            crate::worker::run(args.config(common), token).await
+        }
+        Command::Publish(args) => {
+            let kind = EventType::parse(&args.kind)
+                .ok_or_else(|| Error::Config(format!("unknown event type {:?}", args.kind)))?;
+            let mut ev = Event::new(kind, args.doc, args.user);
+            ev.session = args.session;
+            ev.seq = args.seq;
+            if !args.meta.is_empty() {
+                ev.meta = Some(args.meta.into_iter().collect::<Meta>());
+            }
+            let mut producer =
+                crate::produce::Producer::connect(&common.redis_url, &common.stream).await?;
+            let id = producer.publish(&ev).await?;
+            println!("{id} {}", ev.id);
+            Ok(())
+        }
+        Command::Inspect { doc, json } => {
+            let client = crate::connection::client(&common.redis_url)?;
+            let mut con = crate::connection::manager(&client, Duration::from_secs(5)).await?;
+            let state = crate::inspect::inspect(&mut con, &Keys::new(&common.prefix), &doc).await?;
+            if json {
+                let text = serde_json::to_string_pretty(&state)
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+                println!("{text}");
+            } else {
+                print!("{}", crate::demo::render(&doc, &state));
+            }
+            Ok(())
+        }
+        Command::Demo(args) => crate::demo::run(common, args).await,
+    }
+}

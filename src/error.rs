@@ -1,0 +1,56 @@
+//! The crate's one error type. Its variants tell the caller what to do: retry, dead-letter, or stop.
+
+/// Everything that can go wrong in the worker, the producer and the ops commands.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Redis command failed; [`Error::is_transient`] says whether retrying can help.
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// An entry is not a valid v1 event; the text is the dead-letter reason.
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+    /// A configuration value is wrong; the text names it.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// Redis answered something this version does not understand.
+    #[error("unexpected reply from Redis: {0}")]
+    Protocol(String),
+    /// Local I/O (starting a Redis for the demo, reading a file).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Whether the operation may succeed if retried: connection trouble, timeouts and the
+    /// server states that pass (`LOADING`, `BUSY`, `TRYAGAIN`, `MASTERDOWN`, `READONLY`,
+    /// `CLUSTERDOWN`). Permanent errors (`WRONGTYPE`, `NOPERM`, script errors) are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Redis(e) => redis_is_transient(e),
+            Error::Io(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Classifies a Redis error as transient (see [`Error::is_transient`]).
+pub fn redis_is_transient(e: &redis::RedisError) -> bool {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        return true;
+    }
+    matches!(
+        e.code(),
+        Some(
+            "LOADING"
+                | "BUSY"
+                | "TRYAGAIN"
+                | "MASTERDOWN"
+                | "READONLY"
+                | "CLUSTERDOWN"
+                | "NOSCRIPT"
+        )
+    )
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

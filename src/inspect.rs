@@ -1,0 +1,122 @@
+//! Reading a document's state back: what `presence-worker inspect` prints.
+
+use redis::aio::ConnectionManager;
+use rmpv::ValueRef;
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::event::{decode_meta, Meta, MAX_DEPTH};
+use crate::keys::{Keys, SESSION_SEP};
+
+/// One session as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SessionInfo {
+    /// User id.
+    pub user: String,
+    /// Session id.
+    pub session: String,
+    /// Whether the session is live (ended sessions are kept a while as ordering history).
+    pub live: bool,
+    /// `seq` of the deciding event, if it had one.
+    pub seq: Option<String>,
+    /// Stream entry id of the deciding event.
+    pub entry_id: String,
+    /// Event id of the deciding event.
+    pub event_id: String,
+    /// Redis server time (ms) when that event was applied.
+    pub applied_at_ms: i64,
+    /// The session's meta.
+    pub meta: Option<Meta>,
+}
+
+/// A document's presence state, read in one atomic step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DocState {
+    /// Users present, sorted.
+    pub users: Vec<String>,
+    /// The `count` key (absent means 0).
+    pub count: Option<i64>,
+    /// Sessions, live and recently ended, sorted by user and session.
+    pub sessions: Vec<SessionInfo>,
+}
+
+impl DocState {
+    /// The live sessions only.
+    pub fn live_sessions(&self) -> impl Iterator<Item = &SessionInfo> {
+        self.sessions.iter().filter(|s| s.live)
+    }
+}
+
+/// Reads the state of `doc` under `keys`.
+pub async fn inspect(con: &mut ConnectionManager, keys: &Keys, doc: &str) -> Result<DocState> {
+    let k = keys.doc(doc);
+    type Reply = (Vec<String>, Option<i64>, Vec<(String, Vec<u8>)>);
+    let (mut users, count, raw): Reply = redis::pipe()
+        .atomic()
+        .smembers(&k.users)
+        .get(&k.count)
+        .hgetall(&k.sessions)
+        .query_async(con)
+        .await?;
+    users.sort();
+    let mut sessions: Vec<SessionInfo> = raw
+        .into_iter()
+        .filter_map(|(field, rec)| parse_record(&field, &rec))
+        .collect();
+    sessions.sort_by(|a, b| (&a.user, &a.session).cmp(&(&b.user, &b.session)));
+    Ok(DocState {
+        users,
+        count,
+        sessions,
+    })
+}
+
+/// Parses one session record (see `lua/apply.lua` for its fields).
+fn parse_record(field: &str, rec: &[u8]) -> Option<SessionInfo> {
+    let (user, session) = field.split_once(SESSION_SEP)?;
+    let mut rd = rec;
+    let ValueRef::Map(pairs) =
+        rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH).ok()?
+    else {
+        return None;
+    };
+    let mut info = SessionInfo {
+        user: user.to_owned(),
+        session: session.to_owned(),
+        live: false,
+        seq: None,
+        entry_id: String::new(),
+        event_id: String::new(),
+        applied_at_ms: 0,
+        meta: None,
+    };
+    let (mut ms, mut sq) = (String::new(), String::new());
+    for (k, v) in &pairs {
+        let text = || match v {
+            ValueRef::String(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+            ValueRef::Integer(i) => i.to_string(),
+            _ => String::new(),
+        };
+        let ValueRef::String(k) = k else { continue };
+        let int = || match v {
+            ValueRef::Integer(i) => i.as_i64(),
+            _ => None,
+        };
+        match k.as_str()? {
+            "l" => info.live = int() == Some(1),
+            "q" => info.seq = Some(text()),
+            "m" => ms = text(),
+            "s" => sq = text(),
+            "i" => info.event_id = text(),
+            "t" => info.applied_at_ms = int().unwrap_or(0),
+            "d" => {
+                if let ValueRef::String(s) = v {
+                    info.meta = decode_meta(s.as_bytes());
+                }
+            }
+            _ => {}
+        }
+    }
+    info.entry_id = format!("{ms}-{sq}");
+    Some(info)
+}

@@ -1,0 +1,108 @@
+//! Key names, built in one place.
+//!
+//! Every key of a document carries the document id between literal braces, a Redis Cluster hash
+//! tag, so one script can touch all of them. The mapping from (prefix, document, suffix) to key is
+//! injective: suffixes contain no `}` and end every key, so no document id can name another
+//! document's key or one of the worker's global keys (those never start with `<prefix>:doc:`).
+
+/// Separator between user and session in a session field: a control character, which ids never
+/// contain, so the pair is unambiguous.
+pub const SESSION_SEP: char = '\u{1f}';
+
+/// The key names of one document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocKeys {
+    /// SET of the users present (public).
+    pub users: String,
+    /// Number of users present, absent when zero (public).
+    pub count: String,
+    /// HASH of session records, live and recently ended (internal).
+    pub sessions: String,
+    /// HASH user -> number of live sessions (internal).
+    pub live: String,
+    /// ZSET of ended sessions by the server time they ended (internal).
+    pub ended: String,
+}
+
+/// Builds key names under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys under `prefix` (default `sessions`).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// All keys of document `doc`.
+    pub fn doc(&self, doc: &str) -> DocKeys {
+        let base = format!("{}:doc:{{{}}}:", self.prefix, doc);
+        DocKeys {
+            users: format!("{base}users"),
+            count: format!("{base}count"),
+            sessions: format!("{base}sessions"),
+            live: format!("{base}live"),
+            ended: format!("{base}ended"),
+        }
+    }
+
+    /// The pattern that matches every document's users set (for SCAN).
+    pub fn users_pattern(&self) -> String {
+        format!("{}:doc:{{*}}:users", self.prefix)
+    }
+}
+
+/// The field of a session in the `sessions` hash.
+pub fn session_field(user: &str, session: &str) -> String {
+    let mut f = String::with_capacity(user.len() + 1 + session.len());
+    f.push_str(user);
+    f.push(SESSION_SEP);
+    f.push_str(session);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_matches_the_readme() {
+        let k = Keys::new("sessions").doc("42");
+        assert_eq!(k.users, "sessions:doc:{42}:users");
+        assert_eq!(k.count, "sessions:doc:{42}:count");
+        assert_eq!(k.sessions, "sessions:doc:{42}:sessions");
+        assert_eq!(k.live, "sessions:doc:{42}:live");
+        assert_eq!(k.ended, "sessions:doc:{42}:ended");
+    }
+
+    #[test]
+    fn crafted_ids_cannot_alias_other_documents() {
+        let keys = Keys::new("sessions");
+        let docs = [
+            "a",
+            "a}:count",
+            "a}",
+            "{a",
+            "}:users",
+            "sessions:doc:{a}:users",
+            "a b",
+            "*",
+        ];
+        let mut all = std::collections::HashSet::new();
+        for d in docs {
+            let k = keys.doc(d);
+            for name in [k.users, k.count, k.sessions, k.live, k.ended] {
+                assert!(all.insert(name.clone()), "{name} produced twice");
+            }
+        }
+    }
+}

@@ -1,0 +1,43 @@
+//! presence-worker: turns a Redis Stream of `join`/`leave`/`heartbeat` events into exact presence
+//! state, consumed by scaled replicas through one consumer group.
+//!
+//! # Layout
+//! The modules follow the data flow of a batch:
+//! - [`read`]: the consumer group and `XREADGROUP` (blocking on a connection of its own);
+//! - [`event`]: wire format v1, decoding and validation ([`limits`] bounds the input);
+//! - [`coalesce`]: the deciding events per session, grouped by document;
+//! - [`apply`]: one atomic Lua script per document (`lua/apply.lua`), pipelined;
+//! - [`ack`]: dead letters and `XACK` in one atomic step;
+//! - [`worker`]: the loop that ties them together, with [`retry`] and [`shutdown`].
+//!
+//! Beside them: [`config`], [`error`], [`keys`] (every key name), [`connection`], [`produce`]
+//! (the producer API), [`inspect`] (reading state back), [`cli`] and [`demo`].
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod ack;
+pub mod apply;
+pub mod cli;
+pub mod coalesce;
+pub mod config;
+pub mod connection;
+pub mod demo;
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod inspect;
+pub mod keys;
+pub mod limits;
+pub mod produce;
+pub mod read;
+pub mod redact;
+pub mod retry;
+pub mod shutdown;
+pub mod stream_id;
+pub mod worker;
+
+pub use config::WorkerConfig;
+pub use error::{Error, Result};
+pub use event::{Event, EventType};
+pub use produce::Producer;
+pub use stream_id::StreamId;

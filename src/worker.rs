@@ -1,0 +1,304 @@
+//! The consumer loop: read → decode → coalesce → apply → acknowledge.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use tokio_util::sync::CancellationToken;
+
+use crate::ack::{Acker, DeadLetter};
+use crate::apply::{Applier, Outcome};
+use crate::coalesce::{coalesce, DocUpdate};
+use crate::config::WorkerConfig;
+use crate::connection;
+use crate::error::{Error, Result};
+use crate::event::{decode_entry, Event};
+use crate::keys::Keys;
+use crate::read::{self, Entry, ReadFrom};
+use crate::retry;
+use crate::stream_id::StreamId;
+
+/// Counters of what a worker did, readable while it runs (tests and the demo use them).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Batches processed.
+    pub batches: AtomicU64,
+    /// Events that changed state (including ones superseded within their batch).
+    pub applied: AtomicU64,
+    /// Events already applied (same event id).
+    pub duplicate: AtomicU64,
+    /// Events older than the session's state.
+    pub stale: AtomicU64,
+    /// Entries sent to the dead-letter stream.
+    pub dead_lettered: AtomicU64,
+    /// Pending entries whose payload had been trimmed away.
+    pub trimmed: AtomicU64,
+}
+
+/// How long the worker keeps retrying the batch in hand after shutdown was requested.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a worker until `shutdown` is cancelled; the batch in hand is finished first.
+///
+/// Fails at start-up when the configuration is invalid or Redis is unreachable.
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()> {
+    run_with_stats(config, shutdown, Arc::default()).await
+}
+
+/// [`run`], updating `stats` as it goes.
+pub async fn run_with_stats(
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+) -> Result<()> {
+    config.validate()?;
+    let client = connection::client(&config.redis_url)?;
+    let mut apply_con = connection::manager(&client, config.response_timeout).await?;
+    let read_con = connection::manager(&client, config.block + config.response_timeout).await?;
+    read::ensure_group(
+        &mut apply_con,
+        &config.stream,
+        &config.group,
+        config.group_start,
+    )
+    .await?;
+    tracing::info!(
+        stream = %config.stream, group = %config.group, consumer = %config.consumer,
+        "worker started"
+    );
+    let mut worker = Worker {
+        applier: Applier::new(Keys::new(&config.prefix), config.history.as_millis() as u64),
+        acker: Acker {
+            stream: config.stream.clone(),
+            group: config.group.clone(),
+            dead_letter_stream: config.dead_letter_stream.clone(),
+        },
+        config,
+        apply_con,
+        read_con,
+        shutdown,
+        stats,
+    };
+    worker.run().await
+}
+
+struct Worker {
+    config: WorkerConfig,
+    applier: Applier,
+    acker: Acker,
+    apply_con: ConnectionManager,
+    read_con: ConnectionManager,
+    shutdown: CancellationToken,
+    stats: Arc<Stats>,
+}
+
+impl Worker {
+    async fn run(&mut self) -> Result<()> {
+        // Start by replaying our own pending entries: a previous run (or a read that timed out on
+        // our side) may have left some. `None` once they are done and we read new entries.
+        let mut pending = Some(StreamId::default());
+        let mut delays = retry::backoff();
+        while !self.shutdown.is_cancelled() {
+            let c = &self.config;
+            let result = match pending {
+                Some(after) => {
+                    let from = ReadFrom::Pending(after);
+                    read::read(
+                        &mut self.read_con,
+                        &c.stream,
+                        &c.group,
+                        &c.consumer,
+                        c.batch,
+                        from,
+                    )
+                    .await
+                }
+                None => {
+                    let from = ReadFrom::New(c.block);
+                    let read = read::read(
+                        &mut self.read_con,
+                        &c.stream,
+                        &c.group,
+                        &c.consumer,
+                        c.batch,
+                        from,
+                    );
+                    tokio::select! {
+                        // Cancel only here, while waiting for input: a batch in hand is finished.
+                        _ = self.shutdown.cancelled() => break,
+                        r = read => r,
+                    }
+                }
+            };
+            match result {
+                Ok(entries) if entries.is_empty() => pending = None,
+                Ok(entries) => {
+                    delays = retry::backoff();
+                    let last = entries.last().map(|e| e.id).unwrap_or_default();
+                    match self.process(entries).await {
+                        Ok(()) => pending = pending.map(|_| last),
+                        Err(e) if retry::is_fatal(&e) => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "batch left pending, it will be replayed");
+                            pending = Some(StreamId::default());
+                        }
+                    }
+                }
+                Err(e) if retry::is_fatal(&e) => return Err(e),
+                Err(e) => {
+                    // Whatever a failed read delivered is in our pending list: replay it.
+                    pending = Some(StreamId::default());
+                    let delay = delays.next().unwrap_or(Duration::from_secs(2));
+                    tracing::warn!(error = %e, retry_in = ?delay, "read failed");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(consumer = %self.config.consumer, "worker stopped");
+        Ok(())
+    }
+
+    /// Decodes, applies and acknowledges one batch.
+    async fn process(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let span = tracing::debug_span!("batch", size = entries.len());
+        let _guard = span.enter();
+        let mut ids = Vec::with_capacity(entries.len());
+        let mut events: Vec<(StreamId, Event)> = Vec::with_capacity(entries.len());
+        let mut raw = Vec::with_capacity(entries.len());
+        let mut dead = Vec::new();
+        for entry in entries {
+            ids.push(entry.id);
+            let Some(fields) = entry.fields else {
+                self.stats.trimmed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            match decode_entry(entry.id, &fields, &self.config.limits) {
+                Ok(ev) => {
+                    events.push((entry.id, ev));
+                    raw.push(fields);
+                }
+                Err(e) => dead.push(DeadLetter {
+                    id: entry.id,
+                    fields,
+                    reason: reason(&e),
+                }),
+            }
+        }
+        let docs = coalesce(&events);
+        let outcomes = self.apply(&docs, &events, &mut raw, &mut dead).await?;
+        let (acker, con) = (&self.acker, &self.apply_con);
+        let shutdown = self.shutdown.clone();
+        retry::until_done("acknowledge", &shutdown, DRAIN_TIMEOUT, || {
+            let mut con = con.clone();
+            let (dead, ids) = (&dead, &ids);
+            async move { acker.finish(&mut con, dead, ids).await }
+        })
+        .await?;
+        self.count(&docs, &events, &outcomes, dead.len());
+        Ok(())
+    }
+
+    /// Applies every document; a document Redis refuses for good is dead-lettered instead.
+    async fn apply(
+        &mut self,
+        docs: &[DocUpdate],
+        events: &[(StreamId, Event)],
+        raw: &mut [Vec<(Vec<u8>, Vec<u8>)>],
+        dead: &mut Vec<DeadLetter>,
+    ) -> Result<Vec<Vec<Outcome>>> {
+        let shutdown = self.shutdown.clone();
+        let (applier, con) = (&self.applier, &self.apply_con);
+        let all = retry::until_done("apply", &shutdown, DRAIN_TIMEOUT, || {
+            let mut con = con.clone();
+            async move { applier.apply(&mut con, docs).await }
+        })
+        .await;
+        match all {
+            Ok(o) => return Ok(o),
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => tracing::warn!(error = %e, "batch refused, applying document by document"),
+        }
+        // Isolate the documents Redis refuses (say, a key of the wrong type written by someone
+        // else) so that the rest of the batch still applies.
+        let mut out = Vec::with_capacity(docs.len());
+        for d in docs {
+            let one = std::slice::from_ref(d);
+            let r = retry::until_done("apply", &shutdown, DRAIN_TIMEOUT, || {
+                let mut con = con.clone();
+                async move { applier.apply(&mut con, one).await }
+            })
+            .await;
+            match r {
+                Ok(mut o) => out.push(o.pop().unwrap_or_default()),
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    for s in &d.sessions {
+                        for &i in &s.events {
+                            dead.push(DeadLetter {
+                                id: events[i].0,
+                                fields: std::mem::take(&mut raw[i]),
+                                reason: format!("cannot apply: {e}"),
+                            });
+                        }
+                    }
+                    out.push(Vec::new());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn count(
+        &self,
+        docs: &[DocUpdate],
+        events: &[(StreamId, Event)],
+        outcomes: &[Vec<Outcome>],
+        dead: usize,
+    ) {
+        let (mut applied, mut dup, mut stale) = (0, 0, 0);
+        for (d, o) in docs.iter().zip(outcomes) {
+            for (s, &winner) in d.sessions.iter().zip(o) {
+                for &i in &s.events {
+                    let ev = &events[i].1;
+                    let outcome = if ev.id == s.event_id && events[i].0 != s.version.sid {
+                        Outcome::Duplicate
+                    } else if winner == Outcome::Stale || ev.id == s.event_id {
+                        winner
+                    } else {
+                        Outcome::Applied
+                    };
+                    match outcome {
+                        Outcome::Applied => applied += 1,
+                        Outcome::Duplicate => dup += 1,
+                        Outcome::Stale => stale += 1,
+                    }
+                }
+            }
+        }
+        let s = &self.stats;
+        s.batches.fetch_add(1, Ordering::Relaxed);
+        s.applied.fetch_add(applied, Ordering::Relaxed);
+        s.duplicate.fetch_add(dup, Ordering::Relaxed);
+        s.stale.fetch_add(stale, Ordering::Relaxed);
+        s.dead_lettered.fetch_add(dead as u64, Ordering::Relaxed);
+        tracing::debug!(
+            applied,
+            duplicate = dup,
+            stale,
+            dead_lettered = dead,
+            "batch done"
+        );
+    }
+}
+
+/// The dead-letter reason for a decode error: its text without the "invalid event: " prefix.
+fn reason(e: &Error) -> String {
+    match e {
+        Error::InvalidEvent(r) => r.clone(),
+        other => other.to_string(),
+    }
+}
