@@ -190,6 +190,7 @@ impl Worker {
         }
         let docs = coalesce(&events);
         let outcomes = self.apply(&docs, &events, &mut raw, &mut dead).await?;
+        self.count(&docs, &events, &outcomes, dead.len());
         let (acker, con) = (&self.acker, &self.apply_con);
         let shutdown = self.shutdown.clone();
         retry::until_done("acknowledge", &shutdown, DRAIN_TIMEOUT, || {
@@ -198,7 +199,6 @@ impl Worker {
             async move { acker.finish(&mut con, dead, ids).await }
         })
         .await?;
-        self.count(&docs, &events, &outcomes, dead.len());
         Ok(())
     }
 
@@ -263,12 +263,17 @@ impl Worker {
         for (d, o) in docs.iter().zip(outcomes) {
             for (s, &winner) in d.sessions.iter().zip(o) {
                 for &i in &s.events {
-                    let ev = &events[i].1;
-                    let outcome = if ev.id == s.event_id && events[i].0 != s.version.sid {
-                        Outcome::Duplicate
-                    } else if winner == Outcome::Stale || ev.id == s.event_id {
+                    let (sid, ev) = &events[i];
+                    let outcome = if *sid == s.version.sid {
                         winner
+                    } else if ev.id == s.event_id {
+                        Outcome::Duplicate
+                    } else if winner != Outcome::Applied || *sid > s.version.sid {
+                        // Older than what Redis holds, or arrived after the winner yet lost to
+                        // it on `seq`: stale either way.
+                        Outcome::Stale
                     } else {
+                        // Superseded within the batch: applied, then overwritten, in order.
                         Outcome::Applied
                     };
                     match outcome {

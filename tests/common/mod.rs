@@ -1,0 +1,237 @@
+//! Test harness: real `redis-server` processes on free loopback ports, workers, and a sequential
+//! model of the stream to compare Redis state with.
+#![allow(dead_code, unreachable_pub)]
+
+pub mod model;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use presence_worker::connection;
+use presence_worker::worker::{self, Stats};
+use presence_worker::WorkerConfig;
+use redis::aio::ConnectionManager;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A `redis-server` on a free loopback port, with its own data directory; killed on drop.
+pub struct RedisServer {
+    child: Child,
+    /// The port it listens on.
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl RedisServer {
+    /// Starts a server with no persistence.
+    pub fn start() -> Self {
+        Self::start_with(&["--save", "", "--appendonly", "no"])
+    }
+
+    /// Starts a server with extra arguments.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for _ in 0..20 {
+            let port = free_port();
+            let mut child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--dir", dir.path().to_str().expect("utf-8 temp path")])
+                .args(extra)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (apt-get install redis-server)");
+            if wait_for_port(port, &mut child) {
+                return Self { child, port, dir };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not start redis-server");
+    }
+
+    /// Restarts the server on the same port and directory (data kept when persistence is on).
+    pub fn restart(&mut self, extra: &[&str]) {
+        self.kill();
+        let port = self.port;
+        self.child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--dir", self.dir.path().to_str().expect("utf-8 temp path")])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        assert!(
+            wait_for_port(port, &mut self.child),
+            "redis-server did not restart"
+        );
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A reconnecting connection.
+    pub async fn con(&self) -> ConnectionManager {
+        let client = connection::client(&self.url()).expect("client");
+        connection::manager(&client, Duration::from_secs(10))
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn wait_for_port(port: u16, child: &mut Child) -> bool {
+    for _ in 0..200 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+            if s.write_all(b"PING\r\n").is_ok() {
+                let mut buf = [0u8; 64];
+                if let Ok(n) = s.read(&mut buf) {
+                    if buf[..n].starts_with(b"+PONG") {
+                        return true;
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+/// A worker configuration for tests: short block time, defaults otherwise.
+pub fn config(server: &RedisServer, consumer: &str) -> WorkerConfig {
+    let mut c = WorkerConfig::new(server.url(), consumer);
+    c.block = Duration::from_millis(100);
+    c
+}
+
+/// A worker running in this process.
+pub struct RunningWorker {
+    /// Cancel to stop it.
+    pub token: CancellationToken,
+    /// Its counters.
+    pub stats: Arc<Stats>,
+    handle: JoinHandle<presence_worker::Result<()>>,
+}
+
+impl RunningWorker {
+    /// Starts a worker with `config`.
+    pub fn spawn(config: WorkerConfig) -> Self {
+        let token = CancellationToken::new();
+        let stats = Arc::new(Stats::default());
+        let handle = tokio::spawn(worker::run_with_stats(config, token.clone(), stats.clone()));
+        Self {
+            token,
+            stats,
+            handle,
+        }
+    }
+
+    /// Stops it and waits for it to finish, asserting it ended without error.
+    pub async fn stop(self) {
+        self.token.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(20), self.handle)
+            .await
+            .expect("worker stops within 20s")
+            .expect("worker task");
+        r.expect("worker ends without error");
+    }
+
+    /// Kills it abruptly (the task is aborted wherever it is).
+    pub async fn abort(self) {
+        self.handle.abort();
+        let _ = self.handle.await;
+    }
+}
+
+/// Waits until the group has delivered everything and nothing is pending.
+pub async fn wait_drained(con: &mut ConnectionManager, stream: &str, group: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (pending, lag) = group_pending_lag(con, stream, group).await;
+        if pending == 0 && lag == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not drained: pending={pending} lag={lag}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `pending` and `lag` of `group` from `XINFO GROUPS` (Redis 7).
+pub async fn group_pending_lag(
+    con: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> (i64, i64) {
+    let groups: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(con)
+        .await
+        .unwrap_or_default();
+    for g in groups {
+        let fields: Vec<(String, redis::Value)> = match g {
+            redis::Value::Array(items) => items
+                .chunks(2)
+                .filter_map(|kv| {
+                    let k: String = redis::from_redis_value_ref(&kv[0]).ok()?;
+                    Some((k, kv[1].clone()))
+                })
+                .collect(),
+            redis::Value::Map(kv) => kv
+                .into_iter()
+                .filter_map(|(k, v)| Some((redis::from_redis_value_ref::<String>(&k).ok()?, v)))
+                .collect(),
+            _ => continue,
+        };
+        let get = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let name: Option<String> = get("name").and_then(|v| redis::from_redis_value_ref(&v).ok());
+        if name.as_deref() != Some(group) {
+            continue;
+        }
+        let num = |name: &str| -> i64 {
+            match get(name) {
+                Some(redis::Value::Int(i)) => i,
+                Some(redis::Value::Nil) | None => -1,
+                Some(v) => redis::from_redis_value_ref(&v).unwrap_or(-1),
+            }
+        };
+        return (num("pending"), num("lag"));
+    }
+    (-1, -1)
+}

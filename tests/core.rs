@@ -1,0 +1,611 @@
+//! Core semantics against a real redis-server: membership, idempotence, ordering, flat entries,
+//! dead letters, pending replay.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::{config, wait_drained, RedisServer, RunningWorker};
+use presence_worker::inspect::{inspect, DocState};
+use presence_worker::keys::Keys;
+use presence_worker::{Event, EventType, Producer};
+use redis::aio::ConnectionManager;
+
+const STREAM: &str = "sessions:events";
+const GROUP: &str = "presence";
+
+fn ev(kind: EventType, doc: &str, user: &str, session: Option<&str>) -> Event {
+    let mut e = Event::new(kind, doc, user);
+    e.session = session.map(str::to_owned);
+    e
+}
+
+async fn state(con: &mut ConnectionManager, doc: &str) -> DocState {
+    inspect(con, &Keys::new("sessions"), doc)
+        .await
+        .expect("inspect")
+}
+
+/// Runs one worker until everything published so far is applied, then stops it.
+async fn drain(server: &RedisServer) -> RunningWorker {
+    let w = RunningWorker::spawn(config(server, "w1"));
+    wait_drained(&mut server.con().await, STREAM, GROUP).await;
+    w
+}
+
+async fn publish(server: &RedisServer, events: &[Event]) {
+    let mut p = Producer::connect(&server.url(), STREAM)
+        .await
+        .expect("producer");
+    for e in events {
+        p.publish(e).await.expect("publish");
+    }
+}
+
+#[tokio::test]
+async fn two_tabs_keep_a_user_present_until_the_last_closes() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let mut join1 = ev(EventType::Join, "42", "alice", Some("tab1"));
+    join1.meta = Some([("name".to_owned(), "Alice".to_owned())].into());
+    publish(
+        &server,
+        &[join1, ev(EventType::Join, "42", "alice", Some("tab2"))],
+    )
+    .await;
+    let w = drain(&server).await;
+    let s = state(&mut con, "42").await;
+    assert_eq!(s.users, vec!["alice"]);
+    assert_eq!(s.count, Some(1));
+    let tab1 = s
+        .live_sessions()
+        .find(|x| x.session == "tab1")
+        .expect("tab1 live");
+    assert_eq!(
+        tab1.meta
+            .as_ref()
+            .and_then(|m| m.get("name"))
+            .map(String::as_str),
+        Some("Alice")
+    );
+    assert_eq!(s.live_sessions().count(), 2);
+
+    publish(
+        &server,
+        &[ev(EventType::Leave, "42", "alice", Some("tab1"))],
+    )
+    .await;
+    wait_drained(&mut con, STREAM, GROUP).await;
+    let s = state(&mut con, "42").await;
+    assert_eq!(
+        (s.users.clone(), s.count),
+        (vec!["alice".to_owned()], Some(1))
+    );
+    assert_eq!(
+        s.live_sessions()
+            .map(|x| x.session.as_str())
+            .collect::<Vec<_>>(),
+        ["tab2"]
+    );
+
+    publish(
+        &server,
+        &[ev(EventType::Leave, "42", "alice", Some("tab2"))],
+    )
+    .await;
+    wait_drained(&mut con, STREAM, GROUP).await;
+    let s = state(&mut con, "42").await;
+    assert!(s.users.is_empty());
+    assert_eq!(s.count, None, "count key is removed when nobody is present");
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg("sessions:doc:{42}:users")
+        .arg("sessions:doc:{42}:count")
+        .arg("sessions:doc:{42}:live")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0);
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeat_makes_live_and_meta_survives_heartbeats_but_not_leave() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let mut join = ev(EventType::Join, "d", "u", None);
+    join.meta = Some([("color".to_owned(), "red".to_owned())].into());
+    publish(
+        &server,
+        &[
+            ev(EventType::Heartbeat, "d2", "v", None),
+            join.clone(),
+            ev(EventType::Heartbeat, "d", "u", None),
+        ],
+    )
+    .await;
+    let w = drain(&server).await;
+    assert_eq!(state(&mut con, "d2").await.users, ["v"]);
+    let s = state(&mut con, "d").await;
+    let sess = s.live_sessions().next().expect("live");
+    assert_eq!(
+        sess.session, "u",
+        "no session id means the user's single session"
+    );
+    assert_eq!(sess.meta.as_ref().unwrap()["color"], "red");
+    publish(
+        &server,
+        &[
+            ev(EventType::Leave, "d", "u", None),
+            ev(EventType::Join, "d", "u", None),
+        ],
+    )
+    .await;
+    wait_drained(&mut con, STREAM, GROUP).await;
+    let s = state(&mut con, "d").await;
+    assert_eq!(s.users, ["u"]);
+    assert_eq!(
+        s.live_sessions().next().unwrap().meta,
+        None,
+        "leave clears meta"
+    );
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn redelivery_and_group_replay_change_nothing() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let mut events = Vec::new();
+    for i in 0..300 {
+        let kind = [EventType::Join, EventType::Heartbeat, EventType::Leave][i % 3];
+        events.push(ev(
+            kind,
+            &format!("doc{}", i % 7),
+            &format!("u{}", i % 11),
+            Some(&format!("t{}", i % 2)),
+        ));
+    }
+    publish(&server, &events).await;
+    let w = drain(&server).await;
+    let docs: Vec<String> = (0..7).map(|d| format!("doc{d}")).collect();
+    let mut before = Vec::new();
+    for d in &docs {
+        before.push(state(&mut con, d).await);
+    }
+    let applied = w.stats.applied.load(Ordering::Relaxed);
+    // Replay the whole group from the start: every entry is delivered again.
+    let _: () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(STREAM)
+        .arg(GROUP)
+        .arg("0")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    wait_drained(&mut con, STREAM, GROUP).await;
+    for (d, b) in docs.iter().zip(&before) {
+        assert_eq!(&state(&mut con, d).await, b, "replay changed {d}");
+    }
+    let stats = &w.stats;
+    assert_eq!(
+        stats.applied.load(Ordering::Relaxed),
+        applied,
+        "replay applied nothing"
+    );
+    assert_eq!(
+        stats.duplicate.load(Ordering::Relaxed) + stats.stale.load(Ordering::Relaxed),
+        300,
+        "every replayed entry is recognised as already applied"
+    );
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_appends_are_harmless() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let join = ev(EventType::Join, "d", "alice", Some("t"));
+    let leave_b = ev(EventType::Leave, "d", "bob", None);
+    let join_b = ev(EventType::Join, "d", "bob", None);
+    // A producer retry appends the same event again right after the original.
+    publish(
+        &server,
+        &[join.clone(), join.clone(), join_b, leave_b.clone(), leave_b],
+    )
+    .await;
+    let w = drain(&server).await;
+    let s = state(&mut con, "d").await;
+    assert_eq!(s.users, ["alice"]);
+    assert_eq!(s.count, Some(1));
+    assert!(w.stats.duplicate.load(Ordering::Relaxed) >= 2);
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn seq_orders_events_appended_out_of_order() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let with_seq = |kind, seq| {
+        let mut e = ev(kind, "d", "alice", Some("t1"));
+        e.seq = Some(seq);
+        e
+    };
+    // Appended in the order 3, 1, 2: the leave (seq 3) wins.
+    publish(
+        &server,
+        &[
+            with_seq(EventType::Leave, 3),
+            with_seq(EventType::Join, 1),
+            with_seq(EventType::Heartbeat, 2),
+        ],
+    )
+    .await;
+    let w = drain(&server).await;
+    assert!(state(&mut con, "d").await.users.is_empty());
+    assert_eq!(w.stats.stale.load(Ordering::Relaxed), 2);
+    // An equal seq is stale too; a higher one applies.
+    publish(&server, &[with_seq(EventType::Join, 3)]).await;
+    wait_drained(&mut con, STREAM, GROUP).await;
+    assert!(state(&mut con, "d").await.users.is_empty());
+    publish(&server, &[with_seq(EventType::Join, 4)]).await;
+    wait_drained(&mut con, STREAM, GROUP).await;
+    let s = state(&mut con, "d").await;
+    assert_eq!(s.users, ["alice"]);
+    assert_eq!(s.sessions[0].seq.as_deref(), Some("4"));
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn flat_field_entries_work_like_redis_cli() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let xadd = |fields: &[&str]| {
+        let mut c = redis::cmd("XADD");
+        c.arg(STREAM).arg("*").arg(fields);
+        c
+    };
+    let _: String = xadd(&[
+        "type", "join", "doc", "42", "user", "alice", "session", "tab1",
+    ])
+    .query_async(&mut con)
+    .await
+    .unwrap();
+    let _: String = xadd(&[
+        "type",
+        "join",
+        "doc",
+        "42",
+        "user",
+        "bob",
+        "seq",
+        "7",
+        "meta.name",
+        "Bob",
+    ])
+    .query_async(&mut con)
+    .await
+    .unwrap();
+    let _: String = xadd(&["type", "leave", "doc", "42", "user", "bob", "seq", "6"])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let w = drain(&server).await;
+    let s = state(&mut con, "42").await;
+    assert_eq!(s.users, ["alice", "bob"]);
+    let bob = s.live_sessions().find(|x| x.user == "bob").unwrap();
+    assert_eq!(bob.meta.as_ref().unwrap()["name"], "Bob");
+    assert_eq!(bob.seq.as_deref(), Some("7"));
+    let alice = s.live_sessions().find(|x| x.user == "alice").unwrap();
+    assert_eq!(
+        alice.event_id, alice.entry_id,
+        "the flat form's id defaults to the entry id"
+    );
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn every_kind_of_bad_entry_is_dead_lettered_while_neighbours_apply() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let good = |u: &str| ev(EventType::Join, "ok", u, None).encode().unwrap();
+    let msgpack = |pairs: Vec<(&str, rmpv::Value)>| {
+        let map = rmpv::Value::Map(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect());
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, &map).unwrap();
+        out
+    };
+    let base = |extra: Vec<(&'static str, rmpv::Value)>| {
+        let mut p: Vec<(&str, rmpv::Value)> = vec![
+            ("v", 1.into()),
+            ("id", "x".into()),
+            ("type", "join".into()),
+            ("doc", "ok".into()),
+            ("user", "z".into()),
+        ];
+        for (k, v) in extra {
+            p.retain(|(kk, _)| *kk != k);
+            if !matches!(v, rmpv::Value::Nil) {
+                p.push((k, v));
+            }
+        }
+        msgpack(p)
+    };
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        ("not valid MessagePack", b"\x85\xa1v".to_vec()),
+        ("not a MessagePack map", {
+            let mut v = Vec::new();
+            rmpv::encode::write_value(&mut v, &rmpv::Value::Array(vec![1.into(), "x".into()]))
+                .unwrap();
+            v
+        }),
+        (
+            "missing field `user`",
+            base(vec![("user", rmpv::Value::Nil)]),
+        ),
+        ("missing field `doc`", base(vec![("doc", rmpv::Value::Nil)])),
+        ("missing field `id`", base(vec![("id", rmpv::Value::Nil)])),
+        ("missing field `v`", base(vec![("v", rmpv::Value::Nil)])),
+        (
+            "field `doc` is not a UTF-8 string",
+            base(vec![("doc", 5.into())]),
+        ),
+        (
+            "field `seq` is not an integer",
+            base(vec![("seq", "3".into())]),
+        ),
+        ("unknown event type", base(vec![("type", "jump".into())])),
+        ("unsupported schema version", base(vec![("v", 2.into())])),
+        ("field `user` is empty", base(vec![("user", "".into())])),
+        (
+            "field `doc` contains a control character",
+            base(vec![("doc", "a\nb".into())]),
+        ),
+        ("more than 128", base(vec![("id", "i".repeat(129).into())])),
+        (
+            "more than 256",
+            base(vec![("user", "u".repeat(257).into())]),
+        ),
+    ];
+    let mut expected = Vec::new();
+    for (i, (reason, payload)) in bad.iter().enumerate() {
+        let _: String = redis::cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("e")
+            .arg(good(&format!("g{i}")))
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        let id: String = redis::cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg("e")
+            .arg(payload)
+            .arg("note")
+            .arg(i)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        expected.push((id, *reason));
+    }
+    // Flat-form failures.
+    for (fields, reason) in [
+        (vec!["type", "join", "doc", "ok"], "missing field `user`"),
+        (
+            vec!["type", "sleep", "doc", "ok", "user", "q"],
+            "unknown event type",
+        ),
+        (
+            vec!["type", "join", "doc", "ok", "user", "q", "seq", "-1"],
+            "field `seq`",
+        ),
+        (vec!["hello", "world"], "not a presence event"),
+    ] {
+        let id: String = redis::cmd("XADD")
+            .arg(STREAM)
+            .arg("*")
+            .arg(&fields)
+            .query_async(&mut con)
+            .await
+            .unwrap();
+        expected.push((id, reason));
+    }
+    let w = drain(&server).await;
+    let s = state(&mut con, "ok").await;
+    let want: BTreeSet<String> = (0..bad.len()).map(|i| format!("g{i}")).collect();
+    assert_eq!(
+        s.users.iter().cloned().collect::<BTreeSet<_>>(),
+        want,
+        "good neighbours applied"
+    );
+    let dead: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        .arg("sessions:events:dead")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), expected.len());
+    for (id, reason) in &expected {
+        let (_, fields) = dead
+            .iter()
+            .find(|(_, f)| f.iter().any(|(k, v)| k == "entry_id" && v == id.as_bytes()))
+            .unwrap_or_else(|| panic!("no dead letter for {id} ({reason})"));
+        let error = fields
+            .iter()
+            .find(|(k, _)| k == "error")
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .unwrap();
+        assert!(
+            error.contains(reason),
+            "dead letter of {id}: error {error:?} should mention {reason:?}"
+        );
+    }
+    // The original fields are kept.
+    let first = dead
+        .iter()
+        .find(|(_, f)| {
+            f.iter()
+                .any(|(k, v)| k == "entry_id" && v == expected[0].0.as_bytes())
+        })
+        .unwrap();
+    assert!(first.1.iter().any(|(k, v)| k == "e" && v == &bad[0].1));
+    assert!(first.1.iter().any(|(k, v)| k == "note" && v == b"0"));
+    assert_eq!(
+        w.stats.dead_lettered.load(Ordering::Relaxed),
+        expected.len() as u64
+    );
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_replica_first_replays_its_own_pending_entries() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    publish(
+        &server,
+        &[
+            ev(EventType::Join, "d", "a", None),
+            ev(EventType::Join, "d", "b", None),
+        ],
+    )
+    .await;
+    // A replica named w1 read these and crashed before applying them.
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(STREAM)
+        .arg(GROUP)
+        .arg("0")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let read: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(GROUP)
+        .arg("w1")
+        .arg("COUNT")
+        .arg(10)
+        .arg("STREAMS")
+        .arg(STREAM)
+        .arg(">")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_ne!(read, redis::Value::Nil);
+    assert_eq!(
+        common::group_pending_lag(&mut con, STREAM, GROUP).await,
+        (2, 0)
+    );
+    assert!(state(&mut con, "d").await.users.is_empty());
+    // Restarted under the same name, it applies them although nothing new arrives.
+    let w = drain(&server).await;
+    assert_eq!(state(&mut con, "d").await.users, ["a", "b"]);
+    assert_eq!(w.stats.applied.load(Ordering::Relaxed), 2);
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn a_document_redis_refuses_is_dead_lettered_and_others_still_apply() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    // Someone else wrote a key of the wrong type under our layout.
+    let _: () = redis::cmd("SET")
+        .arg("sessions:doc:{broken}:users")
+        .arg("x")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    publish(
+        &server,
+        &[
+            ev(EventType::Join, "broken", "a", None),
+            ev(EventType::Join, "fine", "b", None),
+        ],
+    )
+    .await;
+    let w = drain(&server).await;
+    assert_eq!(state(&mut con, "fine").await.users, ["b"]);
+    let dead: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+        .arg("sessions:events:dead")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    let error = String::from_utf8_lossy(&dead[0].1.iter().find(|(k, _)| k == "error").unwrap().1)
+        .into_owned();
+    assert!(
+        error.contains("cannot apply") && error.contains("WRONGTYPE"),
+        "{error}"
+    );
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn an_empty_document_leaves_no_keys_once_its_history_expires() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let mut cfg = config(&server, "w1");
+    cfg.history = Duration::from_secs(1);
+    let w = RunningWorker::spawn(cfg);
+    publish(
+        &server,
+        &[
+            ev(EventType::Join, "d", "a", Some("t")),
+            ev(EventType::Leave, "d", "a", Some("t")),
+        ],
+    )
+    .await;
+    wait_drained(&mut con, STREAM, GROUP).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("sessions:doc:*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "ordering history is kept for a while");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("sessions:doc:*")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "left behind: {keys:?}");
+    w.stop().await;
+}
+
+#[tokio::test]
+async fn ended_sessions_are_pruned_from_a_busy_document() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let mut cfg = config(&server, "w1");
+    cfg.history = Duration::from_secs(1);
+    let w = RunningWorker::spawn(cfg);
+    let mut events = vec![ev(EventType::Join, "d", "stays", None)];
+    for i in 0..20 {
+        events.push(ev(EventType::Join, "d", "tmp", Some(&format!("t{i}"))));
+        events.push(ev(EventType::Leave, "d", "tmp", Some(&format!("t{i}"))));
+    }
+    publish(&server, &events).await;
+    wait_drained(&mut con, STREAM, GROUP).await;
+    assert_eq!(state(&mut con, "d").await.sessions.len(), 21);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    publish(&server, &[ev(EventType::Heartbeat, "d", "stays", None)]).await;
+    wait_drained(&mut con, STREAM, GROUP).await;
+    let s = state(&mut con, "d").await;
+    assert_eq!(
+        s.sessions.len(),
+        1,
+        "history of ended sessions pruned: {:?}",
+        s.sessions
+    );
+    let ended: i64 = redis::cmd("ZCARD")
+        .arg("sessions:doc:{d}:ended")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(ended, 0);
+    w.stop().await;
+}
