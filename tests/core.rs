@@ -420,13 +420,7 @@ async fn every_kind_of_bad_entry_is_dead_lettered_while_neighbours_apply() {
         want,
         "good neighbours applied"
     );
-    let dead: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
-        .arg("sessions:events:dead")
-        .arg("-")
-        .arg("+")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let dead = common::xrange(&mut con, "sessions:events:dead").await;
     assert_eq!(dead.len(), expected.len());
     for (id, reason) in &expected {
         let (_, fields) = dead
@@ -527,13 +521,7 @@ async fn a_document_redis_refuses_is_dead_lettered_and_others_still_apply() {
     .await;
     let w = drain(&server).await;
     assert_eq!(state(&mut con, "fine").await.users, ["b"]);
-    let dead: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
-        .arg("sessions:events:dead")
-        .arg("-")
-        .arg("+")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let dead = common::xrange(&mut con, "sessions:events:dead").await;
     assert_eq!(dead.len(), 1);
     let error = String::from_utf8_lossy(&dead[0].1.iter().find(|(k, _)| k == "error").unwrap().1)
         .into_owned();

@@ -235,3 +235,25 @@ pub async fn group_pending_lag(
     }
     (-1, -1)
 }
+
+/// Field/value pairs of a stream entry.
+pub type Fields = Vec<(String, Vec<u8>)>;
+
+/// Every entry of stream `key`.
+pub async fn xrange(con: &mut ConnectionManager, key: &str) -> Vec<(String, Fields)> {
+    redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(con)
+        .await
+        .expect("XRANGE")
+}
+
+/// The value of `field` in `fields`, as text.
+pub fn field(fields: &Fields, name: &str) -> Option<String> {
+    fields
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+}
