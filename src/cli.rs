@@ -188,6 +188,8 @@ pub async fn execute(cli: Cli) -> Result<()> {
             if !args.meta.is_empty() {
                 ev.meta = Some(args.meta.into_iter().collect::<Meta>());
             }
+            // Refuse a bad event before connecting: the error is about the event, not Redis.
+            ev.validate(&crate::limits::Limits::default())?;
             let mut producer =
                 crate::produce::Producer::connect(&common.redis_url, &common.stream).await?;
             let id = producer.publish(&ev).await?;

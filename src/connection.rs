@@ -4,11 +4,17 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::redact::redact;
 
 /// Opens a client for `url`, checking the URL without connecting.
 pub fn client(url: &str) -> Result<redis::Client> {
-    Ok(redis::Client::open(url)?)
+    redis::Client::open(url).map_err(|e| {
+        Error::Config(format!(
+            "--redis-url {}: not a valid Redis URL ({e})",
+            redact(url)
+        ))
+    })
 }
 
 /// A reconnecting connection whose replies may take up to `response_timeout`.
@@ -25,5 +31,11 @@ pub async fn manager(
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(2));
-    Ok(client.get_connection_manager_with_config(config).await?)
+    client
+        .get_connection_manager_with_config(config)
+        .await
+        .map_err(|source| Error::Connect {
+            url: redact(&client.get_connection_info().addr().to_string()),
+            source,
+        })
 }

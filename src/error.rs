@@ -6,6 +6,14 @@ pub enum Error {
     /// A Redis command failed; [`Error::is_transient`] says whether retrying can help.
     #[error("redis error: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Redis could not be reached (the URL is shown without its password).
+    #[error("cannot reach Redis at {url}: {source}")]
+    Connect {
+        /// The URL, redacted.
+        url: String,
+        /// Why.
+        source: redis::RedisError,
+    },
     /// An entry is not a valid v1 event; the text is the dead-letter reason.
     #[error("invalid event: {0}")]
     InvalidEvent(String),
@@ -26,7 +34,7 @@ impl Error {
     /// `CLUSTERDOWN`). Permanent errors (`WRONGTYPE`, `NOPERM`, script errors) are not.
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Redis(e) => redis_is_transient(e),
+            Error::Redis(e) | Error::Connect { source: e, .. } => redis_is_transient(e),
             Error::Io(_) => true,
             _ => false,
         }

@@ -1,0 +1,233 @@
+//! The `presence-worker` binary as users and operators run it.
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::model::assert_state;
+use common::workload::{append, generate, model_of, STREAM};
+use common::{wait_drained, RedisServer};
+
+const BIN: &str = env!("CARGO_BIN_EXE_presence-worker");
+
+fn cli(server: &RedisServer, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("REDIS_URL", server.url())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run presence-worker")
+}
+
+fn spawn_run(server: &RedisServer, consumer: &str, extra: &[&str]) -> Child {
+    Command::new(BIN)
+        .args(["run", "--consumer", consumer, "--block", "100ms"])
+        .args(extra)
+        .env("REDIS_URL", server.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn presence-worker run")
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok);
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        assert!(start.elapsed() < within, "did not exit within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test]
+async fn publish_run_and_inspect() {
+    let server = RedisServer::start();
+    for args in [
+        &[
+            "publish",
+            "join",
+            "--doc",
+            "42",
+            "--user",
+            "alice",
+            "--session",
+            "tab1",
+            "--meta",
+            "name=Alice",
+        ][..],
+        &["publish", "join", "--doc", "42", "--user", "bob"],
+        &["publish", "leave", "--doc", "42", "--user", "bob"],
+    ] {
+        let out = cli(&server, args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.trim().split(' ').next().unwrap().contains('-'),
+            "prints the entry id: {text}"
+        );
+    }
+    let mut run = spawn_run(&server, "w1", &[]);
+    wait_drained(&mut server.con().await, STREAM, "presence").await;
+    let out = cli(&server, &["inspect", "42"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("count=1") && text.contains("users=[alice]"),
+        "{text}"
+    );
+    assert!(
+        text.contains("alice / tab1") && text.contains("Alice"),
+        "{text}"
+    );
+    let out = cli(&server, &["inspect", "42", "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(json["count"], 1);
+    assert_eq!(json["users"][0], "alice");
+    signal(&run, "-TERM");
+    assert!(
+        wait_exit(&mut run, Duration::from_secs(10)).success(),
+        "exit 0 on SIGTERM"
+    );
+}
+
+#[tokio::test]
+async fn run_exits_zero_on_sigint_and_reads_its_flags_from_the_environment() {
+    let server = RedisServer::start();
+    let mut run = Command::new(BIN)
+        .arg("run")
+        .env("REDIS_URL", server.url())
+        .env("PRESENCE_STREAM", "other:events")
+        .env("PRESENCE_GROUP", "g2")
+        .env("PRESENCE_CONSUMER", "from-env")
+        .env("PRESENCE_BLOCK", "100ms")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut con = server.con().await;
+    let out = Command::new(BIN)
+        .args(["publish", "join", "--doc", "d", "--user", "u"])
+        .env("REDIS_URL", server.url())
+        .env("PRESENCE_STREAM", "other:events")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    wait_drained(&mut con, "other:events", "g2").await;
+    let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg("other:events")
+        .arg("g2")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(consumers.len(), 1);
+    assert!(format!("{consumers:?}").contains("from-env"));
+    let users: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("sessions:doc:{d}:users")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(users, ["u"]);
+    signal(&run, "-INT");
+    assert!(wait_exit(&mut run, Duration::from_secs(10)).success());
+}
+
+#[test]
+fn bad_flags_and_an_unreachable_redis_fail_with_one_clear_line() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("redis://worker:hunter2@127.0.0.1:{port}");
+    for (args, expect) in [
+        (
+            vec!["run", "--consumer", "c", "--redis-url", url.as_str()],
+            "cannot reach Redis",
+        ),
+        (vec!["run", "--consumer", "c", "--batch", "0"], "--batch 0"),
+        (
+            vec!["run", "--consumer", "c", "--redis-url", "nonsense"],
+            "not a valid Redis URL",
+        ),
+        (vec!["run", "--block", "soon"], "--block"),
+        (vec!["publish", "wave", "--doc", "d", "--user", "u"], "wave"),
+        (
+            vec![
+                "publish",
+                "join",
+                "--doc",
+                "",
+                "--user",
+                "u",
+                "--redis-url",
+                url.as_str(),
+            ],
+            "`doc` is empty",
+        ),
+    ] {
+        let start = Instant::now();
+        let out = Command::new(BIN)
+            .args(&args)
+            .env_remove("REDIS_URL")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(err.contains(expect), "{args:?}: {err}");
+        assert!(!err.contains("hunter2"), "password leaked: {err}");
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "{args:?} took {:?}",
+            start.elapsed()
+        );
+        if !err.contains("Usage") && !err.contains("For more information") {
+            assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_backlog_and_restarted_ends_at_the_model() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let entries = generate(11, 30_000);
+    let (model, _) = model_of(&entries);
+    append(&mut con, &entries).await;
+    let mut run = spawn_run(&server, "w1", &["--batch", "100"]);
+    // Let it get into the backlog, then kill it without warning.
+    let start = Instant::now();
+    loop {
+        let (pending, lag) = common::group_pending_lag(&mut con, STREAM, "presence").await;
+        if lag > 0 && lag < entries.len() as i64 * 3 / 4
+            || start.elapsed() > Duration::from_secs(20)
+        {
+            assert!(pending >= 0);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let (_, lag) = common::group_pending_lag(&mut con, STREAM, "presence").await;
+    assert!(lag > 0, "killed before the end of the backlog");
+    let mut run = spawn_run(&server, "w1", &[]);
+    wait_drained(&mut con, STREAM, "presence").await;
+    assert_state(&mut con, "sessions", &model).await;
+    signal(&run, "-TERM");
+    assert!(wait_exit(&mut run, Duration::from_secs(10)).success());
+}
