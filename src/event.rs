@@ -136,7 +136,8 @@ impl Event {
     }
 }
 
-/// How deeply MessagePack may nest (an event is a map holding one map: `meta`).
+/// rmpv's depth budget for one payload. rmpv spends two levels per array or map, so this allows
+/// 7 nested containers; a v1 event needs 2 (the event map holding `meta`).
 pub const MAX_DEPTH: usize = 16;
 
 /// The largest `seq` accepted (2^63 - 1, so every producer language can represent it).

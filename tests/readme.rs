@@ -9,7 +9,10 @@ use presence_worker::inspect::inspect;
 use presence_worker::keys::Keys;
 
 fn python_block(readme: &str) -> String {
-    let start = readme.find("```python\n").expect("README has a python block") + "```python\n".len();
+    let start = readme
+        .find("```python\n")
+        .expect("README has a python block")
+        + "```python\n".len();
     let len = readme[start..].find("```").expect("closed python block");
     readme[start..start + len].to_owned()
 }
@@ -22,7 +25,10 @@ async fn the_readme_python_producer_works() {
         .is_ok_and(|s| s.success());
     if !have_deps {
         // CI installs them (.ci/run); on a developer machine say what is missing.
-        assert!(std::env::var_os("CI").is_none(), "CI needs python3 with msgpack and redis");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI needs python3 with msgpack and redis"
+        );
         eprintln!("SKIPPED the_readme_python_producer_works: pip install msgpack redis");
         return;
     }
@@ -33,16 +39,34 @@ async fn the_readme_python_producer_works() {
         .env("REDIS_URL", server.url())
         .output()
         .expect("python3");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let w = RunningWorker::spawn(config(&server, "w1"));
     let mut con = server.con().await;
     wait_drained(&mut con, "sessions:events", "presence").await;
-    let s = inspect(&mut con, &Keys::new("sessions"), "42").await.unwrap();
+    let s = inspect(&mut con, &Keys::new("sessions"), "42")
+        .await
+        .unwrap();
     assert_eq!(s.users, ["alice"]);
     assert_eq!(s.count, Some(1));
     let alice = s.live_sessions().next().unwrap();
-    assert_eq!((alice.session.as_str(), alice.seq.as_deref()), ("tab1", Some("2")));
-    assert_eq!(alice.meta.as_ref().unwrap()["name"], "Alice", "heartbeat kept the join's meta");
-    assert_eq!(w.stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        (alice.session.as_str(), alice.seq.as_deref()),
+        ("tab1", Some("2"))
+    );
+    assert_eq!(
+        alice.meta.as_ref().unwrap()["name"],
+        "Alice",
+        "heartbeat kept the join's meta"
+    );
+    assert_eq!(
+        w.stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
     w.stop().await;
 }
