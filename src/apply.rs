@@ -1,4 +1,5 @@
-//! Apply stage: one atomic script call per document, pipelined.
+//! Apply stage: one atomic script call per document, pipelined; and the expiry of silent
+//! sessions, which changes documents the same way.
 
 use redis::aio::ConnectionManager;
 use redis::Script;
@@ -7,8 +8,23 @@ use crate::coalesce::{DocUpdate, Version};
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 
-/// The script that applies one document's updates (see the header of `lua/apply.lua`).
-const APPLY_LUA: &str = include_str!("lua/apply.lua");
+/// The script that applies one document's updates (see the headers of the two files).
+const APPLY_LUA: &str = concat!(
+    include_str!("lua/common.lua"),
+    include_str!("lua/apply.lua")
+);
+
+/// The script that expires one document's silent sessions.
+const EXPIRE_LUA: &str = concat!(
+    include_str!("lua/common.lua"),
+    include_str!("lua/expire.lua")
+);
+
+/// The script that leases due documents to one replica.
+const CLAIM_DUE_LUA: &str = include_str!("lua/claim_due.lua");
+
+/// Most sessions one expiry call ends (the rest are due again at once).
+const EXPIRE_PER_CALL: usize = 500;
 
 /// How many documents go in one pipeline round trip.
 const PIPELINE_DOCS: usize = 256;
@@ -28,18 +44,72 @@ pub enum Outcome {
 #[derive(Debug, Clone)]
 pub struct Applier {
     script: Script,
+    expire: Script,
+    claim_due: Script,
     keys: Keys,
+    expiry_index: String,
     history_ms: u64,
+    ttl_ms: u64,
 }
 
 impl Applier {
-    /// An applier writing under `keys`, keeping ended sessions' history for `history_ms`.
-    pub fn new(keys: Keys, history_ms: u64) -> Self {
+    /// An applier writing under `keys`, keeping ended sessions' history for `history_ms` and
+    /// expiring sessions silent for `ttl_ms` (0: never).
+    pub fn new(keys: Keys, history_ms: u64, ttl_ms: u64) -> Self {
         Self {
             script: Script::new(APPLY_LUA),
+            expire: Script::new(EXPIRE_LUA),
+            claim_due: Script::new(CLAIM_DUE_LUA),
+            expiry_index: keys.expiry_index(),
             keys,
             history_ms,
+            ttl_ms,
         }
+    }
+
+    /// Leases up to `max` documents with sessions due to expire to the caller for `lease_ms`.
+    pub async fn claim_due(
+        &self,
+        con: &mut ConnectionManager,
+        lease_ms: u64,
+        max: usize,
+    ) -> Result<Vec<String>> {
+        let mut inv = self.claim_due.key(&self.expiry_index);
+        inv.arg(lease_ms).arg(max);
+        Ok(inv.invoke_async(con).await?)
+    }
+
+    /// Expires the silent sessions of `docs`; returns how many sessions ended.
+    pub async fn expire(&self, con: &mut ConnectionManager, docs: &[String]) -> Result<u64> {
+        let mut total = 0;
+        for chunk in docs.chunks(PIPELINE_DOCS) {
+            let mut pipe = redis::pipe();
+            for doc in chunk {
+                let mut inv = self.doc_invocation(&self.expire, doc);
+                inv.arg(EXPIRE_PER_CALL);
+                pipe.invoke_script(&inv);
+            }
+            let counts: Vec<u64> = match pipe.query_async(con).await {
+                Err(e) if e.code() == Some("NOSCRIPT") => {
+                    self.expire.load_async(con).await?;
+                    pipe.query_async(con).await?
+                }
+                r => r?,
+            };
+            total += counts.iter().sum::<u64>();
+        }
+        Ok(total)
+    }
+
+    /// An invocation of a document script with its KEYS and ARGV[1..3] (see `lua/common.lua`).
+    fn doc_invocation<'s>(&self, script: &'s Script, doc: &str) -> redis::ScriptInvocation<'s> {
+        let k = self.keys.doc(doc);
+        let mut inv = script.prepare_invoke();
+        for key in k.script_keys(&self.expiry_index) {
+            inv.key(key);
+        }
+        inv.arg(self.history_ms).arg(self.ttl_ms).arg(doc);
+        inv
     }
 
     /// Applies every document's updates; returns, per document, one outcome per session.
@@ -72,14 +142,8 @@ impl Applier {
     ) -> Result<Vec<Vec<Outcome>>> {
         let mut pipe = redis::pipe();
         for d in chunk {
-            let k = self.keys.doc(&d.doc);
-            let mut inv = self.script.prepare_invoke();
-            inv.key(k.users)
-                .key(k.count)
-                .key(k.sessions)
-                .key(k.live)
-                .key(k.ended);
-            inv.arg(self.history_ms).arg(d.sessions.len());
+            let mut inv = self.doc_invocation(&self.script, &d.doc);
+            inv.arg(d.sessions.len());
             for s in &d.sessions {
                 inv.arg(&s.field).arg(&s.user);
                 inv.arg(if s.live { "1" } else { "0" });

@@ -96,7 +96,7 @@ pub struct RunArgs {
     #[arg(long, env = "PRESENCE_BATCH", default_value_t = 500)]
     pub batch: usize,
     /// How long one read waits for new entries.
-    #[arg(long, env = "PRESENCE_BLOCK", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PRESENCE_BLOCK", default_value = "2s", value_parser = duration)]
     pub block: Duration,
     /// Dead-letter stream.
     #[arg(
@@ -106,11 +106,39 @@ pub struct RunArgs {
     )]
     pub dead_letter_stream: String,
     /// How long ended sessions are remembered for ordering and de-duplication.
-    #[arg(long, env = "PRESENCE_HISTORY", default_value = "10m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PRESENCE_HISTORY", default_value = "10m", value_parser = duration)]
     pub history: Duration,
     /// Where a newly created group starts: `begin` (all entries) or `end` (new ones only).
     #[arg(long, env = "PRESENCE_GROUP_START", default_value = "begin", value_parser = ["begin", "end"])]
     pub group_start: String,
+    /// A session not refreshed by join/heartbeat within this time expires (0: never).
+    #[arg(long, env = "PRESENCE_SESSION_TTL", default_value = "90s", value_parser = duration)]
+    pub session_ttl: Duration,
+    /// Entries pending on another consumer longer than this are reclaimed (0: never).
+    /// Must exceed the slowest batch.
+    #[arg(long, env = "PRESENCE_CLAIM_IDLE", default_value = "60s", value_parser = duration)]
+    pub claim_idle: Duration,
+    /// An entry delivered more often than this is dead-lettered.
+    #[arg(long, env = "PRESENCE_MAX_DELIVERIES", default_value_t = 5)]
+    pub max_deliveries: u64,
+    /// Consumers idle longer than this with nothing pending are removed from the group (0: never).
+    #[arg(long, env = "PRESENCE_CONSUMER_IDLE", default_value = "1h", value_parser = duration)]
+    pub consumer_idle: Duration,
+    /// Trim events older than this from the stream, unless a group still needs them (0: never).
+    #[arg(long, env = "PRESENCE_RETAIN", default_value = "1h", value_parser = duration)]
+    pub retain: Duration,
+    /// On SIGTERM/SIGINT, how long the batch in hand may still take.
+    #[arg(long, env = "PRESENCE_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub drain_timeout: Duration,
+}
+
+/// Parses a duration such as `500ms`, `5s`, `2m`, `1h`; a bare `0` is zero (off).
+pub fn duration(s: &str) -> std::result::Result<Duration, String> {
+    if s.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write durations like 500ms, 5s, 2m, 1h)"))
 }
 
 impl RunArgs {
@@ -125,6 +153,12 @@ impl RunArgs {
         c.block = self.block;
         c.dead_letter_stream.clone_from(&self.dead_letter_stream);
         c.history = self.history;
+        c.session_ttl = self.session_ttl;
+        c.claim_idle = self.claim_idle;
+        c.max_deliveries = self.max_deliveries;
+        c.consumer_idle = self.consumer_idle;
+        c.retain = self.retain;
+        c.drain_timeout = self.drain_timeout;
         c.group_start = if self.group_start == "end" {
             GroupStart::End
         } else {

@@ -41,6 +41,19 @@ pub struct WorkerConfig {
     pub response_timeout: Duration,
     /// Input limits.
     pub limits: Limits,
+    /// A session not refreshed within this time is expired as if it had left (zero: never).
+    pub session_ttl: Duration,
+    /// Entries pending on another consumer for longer than this are reclaimed (zero: never).
+    pub claim_idle: Duration,
+    /// An entry delivered more often than this is dead-lettered.
+    pub max_deliveries: u64,
+    /// Consumers idle longer than this with nothing pending are removed (zero: never).
+    pub consumer_idle: Duration,
+    /// Entries older than this are trimmed from the events stream, unless a group still needs
+    /// them (zero: never trim).
+    pub retain: Duration,
+    /// How long the batch in hand may still take after shutdown was requested.
+    pub drain_timeout: Duration,
 }
 
 impl WorkerConfig {
@@ -59,6 +72,12 @@ impl WorkerConfig {
             group_start: GroupStart::Beginning,
             response_timeout: Duration::from_secs(5),
             limits: Limits::default(),
+            session_ttl: Duration::from_secs(90),
+            claim_idle: Duration::from_secs(60),
+            max_deliveries: 5,
+            consumer_idle: Duration::from_secs(3600),
+            retain: Duration::from_secs(3600),
+            drain_timeout: Duration::from_secs(10),
         }
     }
 
@@ -89,6 +108,21 @@ impl WorkerConfig {
         }
         if self.block < Duration::from_millis(1) {
             return bad("--block must be at least 1ms".into());
+        }
+        if self.max_deliveries == 0 {
+            return bad("--max-deliveries must be at least 1".into());
+        }
+        if !self.claim_idle.is_zero() && self.claim_idle < Duration::from_millis(100) {
+            return bad(format!(
+                "--claim-idle {:?} must be 0 (off) or at least 100ms",
+                self.claim_idle
+            ));
+        }
+        if !self.session_ttl.is_zero() && self.session_ttl < Duration::from_secs(1) {
+            return bad(format!(
+                "--session-ttl {:?} must be 0 (off) or at least 1s",
+                self.session_ttl
+            ));
         }
         if self.history < Duration::from_secs(1) {
             return bad(format!("--history {:?} must be at least 1s", self.history));

@@ -25,7 +25,7 @@ use crate::worker::Stats;
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// How long the demo runs.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = crate::cli::duration)]
     pub duration: Duration,
     /// Number of documents.
     #[arg(long, default_value_t = 3)]

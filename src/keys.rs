@@ -22,6 +22,24 @@ pub struct DocKeys {
     pub live: String,
     /// ZSET of ended sessions by the server time they ended (internal).
     pub ended: String,
+    /// ZSET of live sessions by the server time they were last refreshed (internal, expiry).
+    pub alive: String,
+}
+
+impl DocKeys {
+    /// The keys in the order the document scripts take them (see `lua/common.lua`), followed by
+    /// the global expiry index.
+    pub fn script_keys<'a>(&'a self, expiry_index: &'a str) -> [&'a str; 7] {
+        [
+            &self.users,
+            &self.count,
+            &self.sessions,
+            &self.live,
+            &self.ended,
+            &self.alive,
+            expiry_index,
+        ]
+    }
 }
 
 /// Builds key names under one prefix.
@@ -52,7 +70,13 @@ impl Keys {
             sessions: format!("{base}sessions"),
             live: format!("{base}live"),
             ended: format!("{base}ended"),
+            alive: format!("{base}alive"),
         }
+    }
+
+    /// ZSET of documents by the server time their first live session is due to expire.
+    pub fn expiry_index(&self) -> String {
+        format!("{}:expiry", self.prefix)
     }
 
     /// The pattern that matches every document's users set (for SCAN).
@@ -82,6 +106,7 @@ mod tests {
         assert_eq!(k.sessions, "sessions:doc:{42}:sessions");
         assert_eq!(k.live, "sessions:doc:{42}:live");
         assert_eq!(k.ended, "sessions:doc:{42}:ended");
+        assert_eq!(k.alive, "sessions:doc:{42}:alive");
     }
 
     #[test]
@@ -100,7 +125,7 @@ mod tests {
         let mut all = std::collections::HashSet::new();
         for d in docs {
             let k = keys.doc(d);
-            for name in [k.users, k.count, k.sessions, k.live, k.ended] {
+            for name in [k.users, k.count, k.sessions, k.live, k.ended, k.alive] {
                 assert!(all.insert(name.clone()), "{name} produced twice");
             }
         }

@@ -8,7 +8,9 @@
 //! - [`coalesce`]: the deciding events per session, grouped by document;
 //! - [`apply`]: one atomic Lua script per document (`lua/apply.lua`), pipelined;
 //! - [`ack`]: dead letters and `XACK` in one atomic step;
-//! - [`worker`]: the loop that ties them together, with [`retry`] and [`shutdown`].
+//! - [`reclaim`]: entries other consumers left pending, and delivery counts;
+//! - [`worker`]: the loop that ties them together, with [`retry`] and [`shutdown`], and between
+//!   batches the expiry of silent sessions (in [`apply`]) and [`retention`] (trimming, consumers).
 //!
 //! Beside them: [`config`], [`error`], [`keys`] (every key name), [`connection`], [`produce`]
 //! (the producer API), [`inspect`] (reading state back), [`cli`] and [`demo`].
@@ -17,6 +19,7 @@
 
 pub mod ack;
 pub mod apply;
+pub mod breaker;
 pub mod cli;
 pub mod coalesce;
 pub mod config;
@@ -30,7 +33,9 @@ pub mod keys;
 pub mod limits;
 pub mod produce;
 pub mod read;
+pub mod reclaim;
 pub mod redact;
+pub mod retention;
 pub mod retry;
 pub mod shutdown;
 pub mod stream_id;

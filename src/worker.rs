@@ -16,8 +16,9 @@ use crate::error::{Error, Result};
 use crate::event::{decode_entry, Event};
 use crate::keys::Keys;
 use crate::read::{self, Entry, ReadFrom};
-use crate::retry;
 use crate::stream_id::StreamId;
+use crate::{reclaim, retention, retry};
+use tokio::time::Instant;
 
 /// Counters of what a worker did, readable while it runs (tests and the demo use them).
 #[derive(Debug, Default)]
@@ -34,10 +35,17 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
     /// Pending entries whose payload had been trimmed away.
     pub trimmed: AtomicU64,
+    /// Entries reclaimed from other consumers.
+    pub reclaimed: AtomicU64,
+    /// Sessions expired by this worker.
+    pub expired: AtomicU64,
 }
 
-/// How long the worker keeps retrying the batch in hand after shutdown was requested.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the stream is trimmed and gone consumers are removed.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
+
+/// Most documents one expiry round takes on.
+const EXPIRE_DOCS_PER_ROUND: usize = 200;
 
 /// Runs a worker until `shutdown` is cancelled; the batch in hand is finished first.
 ///
@@ -68,7 +76,11 @@ pub async fn run_with_stats(
         "worker started"
     );
     let mut worker = Worker {
-        applier: Applier::new(Keys::new(&config.prefix), config.history.as_millis() as u64),
+        applier: Applier::new(
+            Keys::new(&config.prefix),
+            config.history.as_millis() as u64,
+            config.session_ttl.as_millis() as u64,
+        ),
         acker: Acker {
             stream: config.stream.clone(),
             group: config.group.clone(),
@@ -79,6 +91,10 @@ pub async fn run_with_stats(
         read_con,
         shutdown,
         stats,
+        caught_up: false,
+        next_reclaim: Instant::now(),
+        next_expire: Instant::now(),
+        next_housekeeping: Instant::now(),
     };
     worker.run().await
 }
@@ -91,6 +107,12 @@ struct Worker {
     read_con: ConnectionManager,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
+    /// Whether the last read of new entries returned less than a full batch: only then does
+    /// expiry run, so a backlog of heartbeats is applied before silence is judged.
+    caught_up: bool,
+    next_reclaim: Instant,
+    next_expire: Instant,
+    next_housekeeping: Instant,
 }
 
 impl Worker {
@@ -132,11 +154,18 @@ impl Worker {
                 }
             };
             match result {
-                Ok(entries) if entries.is_empty() => pending = None,
+                Ok(entries) if entries.is_empty() => {
+                    if pending.take().is_none() {
+                        self.caught_up = true;
+                    }
+                }
                 Ok(entries) => {
                     delays = retry::backoff();
+                    if pending.is_none() {
+                        self.caught_up = entries.len() < self.config.batch;
+                    }
                     let last = entries.last().map(|e| e.id).unwrap_or_default();
-                    match self.process(entries).await {
+                    match self.process(entries, pending.is_some()).await {
                         Ok(()) => pending = pending.map(|_| last),
                         Err(e) if retry::is_fatal(&e) => return Err(e),
                         Err(e) => {
@@ -157,15 +186,149 @@ impl Worker {
                     }
                 }
             }
+            if pending.is_none() && !self.shutdown.is_cancelled() {
+                self.periodic().await;
+            }
         }
         tracing::info!(consumer = %self.config.consumer, "worker stopped");
         Ok(())
     }
 
-    /// Decodes, applies and acknowledges one batch.
-    async fn process(&mut self, entries: Vec<Entry>) -> Result<()> {
+    /// The tasks that run between batches: reclaim, expiry, housekeeping. Their failures are
+    /// logged and retried at their next turn; they never stop the worker.
+    async fn periodic(&mut self) {
+        let now = Instant::now();
+        let c = &self.config;
+        if !c.claim_idle.is_zero() && now >= self.next_reclaim {
+            self.next_reclaim = now + (c.claim_idle / 2).max(Duration::from_millis(100));
+            if let Err(e) = self.reclaim().await {
+                tracing::warn!(error = %e, "reclaim failed");
+            }
+        }
+        if !self.config.session_ttl.is_zero() && self.caught_up && now >= self.next_expire {
+            let every = (self.config.session_ttl / 4)
+                .clamp(Duration::from_millis(250), Duration::from_secs(5));
+            self.next_expire = now + every;
+            match self.expire().await {
+                Ok(true) => self.next_expire = now, // more are due: go on at the next turn
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "expiry failed"),
+            }
+        }
+        if now >= self.next_housekeeping {
+            self.next_housekeeping = now + HOUSEKEEPING_EVERY;
+            if let Err(e) = self.housekeeping().await {
+                tracing::warn!(error = %e, "housekeeping failed");
+            }
+        }
+    }
+
+    /// Takes over entries other consumers left pending longer than `--claim-idle`.
+    async fn reclaim(&mut self) -> Result<()> {
+        let mut cursor = StreamId::default();
+        for _ in 0..16 {
+            let c = &self.config;
+            let claimed = reclaim::autoclaim(
+                &mut self.apply_con,
+                &c.stream,
+                &c.group,
+                &c.consumer,
+                c.claim_idle,
+                cursor,
+                c.batch,
+            )
+            .await?;
+            self.stats
+                .trimmed
+                .fetch_add(claimed.deleted as u64, Ordering::Relaxed);
+            if !claimed.entries.is_empty() {
+                tracing::info!(
+                    entries = claimed.entries.len(),
+                    "reclaimed idle pending entries"
+                );
+                self.stats
+                    .reclaimed
+                    .fetch_add(claimed.entries.len() as u64, Ordering::Relaxed);
+                self.process(claimed.entries, true).await?;
+            }
+            if claimed.next == StreamId::default() {
+                break;
+            }
+            cursor = claimed.next;
+        }
+        Ok(())
+    }
+
+    /// Expires the silent sessions of documents that are due; true when more may be due.
+    async fn expire(&mut self) -> Result<bool> {
+        let lease =
+            (self.config.session_ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let docs = self
+            .applier
+            .claim_due(
+                &mut self.apply_con,
+                lease.as_millis() as u64,
+                EXPIRE_DOCS_PER_ROUND,
+            )
+            .await?;
+        if docs.is_empty() {
+            return Ok(false);
+        }
+        let n = self.applier.expire(&mut self.apply_con, &docs).await?;
+        self.stats.expired.fetch_add(n, Ordering::Relaxed);
+        if n > 0 {
+            tracing::debug!(
+                sessions = n,
+                documents = docs.len(),
+                "expired silent sessions"
+            );
+        }
+        Ok(docs.len() == EXPIRE_DOCS_PER_ROUND)
+    }
+
+    /// Trims the stream and removes consumers that are gone.
+    async fn housekeeping(&mut self) -> Result<()> {
+        let c = &self.config;
+        if !c.retain.is_zero() {
+            let n = retention::trim(&mut self.apply_con, &c.stream, c.retain).await?;
+            if n > 0 {
+                tracing::debug!(entries = n, "trimmed the events stream");
+            }
+        }
+        if !c.consumer_idle.is_zero() {
+            let gone = retention::remove_idle_consumers(
+                &mut self.apply_con,
+                &c.stream,
+                &c.group,
+                &c.consumer,
+                c.consumer_idle,
+            )
+            .await?;
+            if !gone.is_empty() {
+                tracing::info!(consumers = ?gone, "removed idle consumers with nothing pending");
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes, applies and acknowledges one batch. Entries delivered before (replayed or
+    /// reclaimed) are checked against `--max-deliveries` first.
+    async fn process(&mut self, entries: Vec<Entry>, redelivered: bool) -> Result<()> {
         let span = tracing::debug_span!("batch", size = entries.len());
         let _guard = span.enter();
+        let deliveries = if redelivered {
+            let c = &self.config;
+            reclaim::delivery_counts(
+                &mut self.apply_con,
+                &c.stream,
+                &c.group,
+                &c.consumer,
+                &entries,
+            )
+            .await?
+        } else {
+            Default::default()
+        };
         let mut ids = Vec::with_capacity(entries.len());
         let mut events: Vec<(StreamId, Event)> = Vec::with_capacity(entries.len());
         let mut raw = Vec::with_capacity(entries.len());
@@ -176,6 +339,15 @@ impl Worker {
                 self.stats.trimmed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            let delivered = deliveries.get(&entry.id).copied().unwrap_or(1);
+            if delivered > self.config.max_deliveries {
+                dead.push(DeadLetter {
+                    id: entry.id,
+                    fields,
+                    reason: format!("too many deliveries ({delivered})"),
+                });
+                continue;
+            }
             match decode_entry(entry.id, &fields, &self.config.limits) {
                 Ok(ev) => {
                     events.push((entry.id, ev));
@@ -193,7 +365,7 @@ impl Worker {
         self.count(&docs, &events, &outcomes, dead.len());
         let (acker, con) = (&self.acker, &self.apply_con);
         let shutdown = self.shutdown.clone();
-        retry::until_done("acknowledge", &shutdown, DRAIN_TIMEOUT, || {
+        retry::until_done("acknowledge", &shutdown, self.config.drain_timeout, || {
             let mut con = con.clone();
             let (dead, ids) = (&dead, &ids);
             async move { acker.finish(&mut con, dead, ids).await }
@@ -212,7 +384,7 @@ impl Worker {
     ) -> Result<Vec<Vec<Outcome>>> {
         let shutdown = self.shutdown.clone();
         let (applier, con) = (&self.applier, &self.apply_con);
-        let all = retry::until_done("apply", &shutdown, DRAIN_TIMEOUT, || {
+        let all = retry::until_done("apply", &shutdown, self.config.drain_timeout, || {
             let mut con = con.clone();
             async move { applier.apply(&mut con, docs).await }
         })
@@ -227,7 +399,7 @@ impl Worker {
         let mut out = Vec::with_capacity(docs.len());
         for d in docs {
             let one = std::slice::from_ref(d);
-            let r = retry::until_done("apply", &shutdown, DRAIN_TIMEOUT, || {
+            let r = retry::until_done("apply", &shutdown, self.config.drain_timeout, || {
                 let mut con = con.clone();
                 async move { applier.apply(&mut con, one).await }
             })

@@ -1,0 +1,131 @@
+//! Housekeeping of the stream and the group: trimming old entries no group still needs, and
+//! removing consumers that are gone.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+
+use crate::error::Result;
+use crate::stream_id::StreamId;
+
+/// Removes a consumer only if it has nothing pending, atomically (a consumer deleted with
+/// pending entries would leave them unclaimable).
+const DELETE_IDLE_CONSUMER_LUA: &str = include_str!("lua/delete_idle_consumer.lua");
+
+/// Trims entries older than `retain` from `stream`, never past the oldest entry any group on
+/// the stream still has pending or has not yet delivered. Returns the entries removed.
+pub async fn trim(con: &mut ConnectionManager, stream: &str, retain: Duration) -> Result<u64> {
+    let time: (u64, u64) = redis::cmd("TIME").query_async(con).await?;
+    let now_ms = time.0 * 1000 + time.1 / 1000;
+    let mut cut = StreamId::new(now_ms.saturating_sub(retain.as_millis() as u64), 0);
+    let groups: Vec<Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(con)
+        .await?;
+    for g in groups {
+        let fields = field_map(g);
+        let name = fields
+            .iter()
+            .find(|(k, _)| k == "name")
+            .map(|(_, v)| v.clone());
+        let Some(name) = name else { continue };
+        if let Some(last) = fields.iter().find(|(k, _)| k == "last-delivered-id") {
+            if let Ok(id) = last.1.parse::<StreamId>() {
+                // Everything after the last delivered entry is still to be delivered.
+                cut = cut.min(StreamId::new(id.ms, id.seq.saturating_add(1)));
+            }
+        }
+        let summary: Value = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(&name)
+            .query_async(con)
+            .await?;
+        if let Value::Array(parts) = summary {
+            if let Some(Value::BulkString(b)) = parts.get(1) {
+                if let Some(oldest) = StreamId::parse(b) {
+                    cut = cut.min(oldest);
+                }
+            }
+        }
+    }
+    let removed: u64 = redis::cmd("XTRIM")
+        .arg(stream)
+        .arg("MINID")
+        .arg("~")
+        .arg(cut.to_string())
+        .query_async(con)
+        .await?;
+    Ok(removed)
+}
+
+/// Removes the consumers of `group` idle for longer than `idle` with nothing pending (never
+/// `me`). Returns their names.
+pub async fn remove_idle_consumers(
+    con: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    me: &str,
+    idle: Duration,
+) -> Result<Vec<String>> {
+    let consumers: Vec<Value> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(stream)
+        .arg(group)
+        .query_async(con)
+        .await?;
+    let script = Script::new(DELETE_IDLE_CONSUMER_LUA);
+    let mut removed = Vec::new();
+    for c in consumers {
+        let fields = field_map(c);
+        let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let (Some(name), Some(idle_ms)) =
+            (get("name"), get("idle").and_then(|v| v.parse::<u64>().ok()))
+        else {
+            continue;
+        };
+        if name == me || idle_ms < idle.as_millis() as u64 || get("pending") != Some("0") {
+            continue;
+        }
+        let deleted: i64 = script
+            .key(stream)
+            .arg(group)
+            .arg(name)
+            .invoke_async(con)
+            .await?;
+        if deleted >= 0 {
+            removed.push(name.to_owned());
+        }
+    }
+    Ok(removed)
+}
+
+/// A RESP2 flat array or RESP3 map of name/value pairs, as text.
+fn field_map(v: Value) -> Vec<(String, String)> {
+    let pairs: Vec<(Value, Value)> = match v {
+        Value::Array(items) => {
+            let mut it = items.into_iter();
+            let mut out = Vec::new();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                out.push((k, v));
+            }
+            out
+        }
+        Value::Map(kv) => kv,
+        _ => return Vec::new(),
+    };
+    pairs
+        .into_iter()
+        .filter_map(|(k, v)| Some((text(k)?, text(v).unwrap_or_default())))
+        .collect()
+}
+
+fn text(v: Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(&b).into_owned()),
+        Value::SimpleString(s) => Some(s),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
