@@ -263,16 +263,7 @@ async fn an_entry_delivered_too_often_is_dead_lettered() {
         .query_async(&mut con)
         .await
         .unwrap();
-    let first: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
-        .arg(STREAM)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(1)
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let poison_id = first[0].0.clone();
+    let poison_id = xrange(&mut con, STREAM).await[0].0.clone();
     // It has crashed its consumer five times already.
     let _: redis::Value = redis::cmd("XCLAIM")
         .arg(STREAM)
