@@ -78,9 +78,43 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List or replay dead letters.
+    Dlq {
+        /// Dead-letter stream.
+        #[arg(
+            long,
+            env = "PRESENCE_DEAD_LETTER_STREAM",
+            default_value = "sessions:events:dead",
+            global = true
+        )]
+        dead_letter_stream: String,
+        /// What to do.
+        #[command(subcommand)]
+        action: DlqAction,
+    },
     /// Run a worker beside a demo producer and show presence changing (starts a local Redis when
     /// none is reachable at a loopback URL).
     Demo(crate::demo::DemoArgs),
+}
+
+/// `dlq` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// Show dead letters, oldest first.
+    List {
+        /// Most entries shown.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead letters back to the events stream (all, or the given ids) after a fix.
+    Replay {
+        /// Dead-letter ids to replay (repeatable); default: all.
+        #[arg(long = "id")]
+        ids: Vec<String>,
+    },
 }
 
 /// Flags of `run`.
@@ -240,6 +274,37 @@ pub async fn execute(cli: Cli) -> Result<()> {
                 println!("{text}");
             } else {
                 print!("{}", crate::demo::render(&doc, &state));
+            }
+            Ok(())
+        }
+        Command::Dlq {
+            dead_letter_stream,
+            action,
+        } => {
+            let client = crate::connection::client(&common.redis_url)?;
+            let mut con = crate::connection::manager(&client, Duration::from_secs(5)).await?;
+            match action {
+                DlqAction::List { count, json } => {
+                    let entries = crate::dlq::list(&mut con, &dead_letter_stream, count).await?;
+                    if json {
+                        let text = serde_json::to_string_pretty(&entries)
+                            .map_err(|e| Error::Protocol(e.to_string()))?;
+                        println!("{text}");
+                    } else {
+                        for e in &entries {
+                            let what = e.event.clone().unwrap_or_else(|| format!("{:?}", e.fields));
+                            println!(
+                                "{}  entry {}  {}  error: {}",
+                                e.id, e.entry_id, what, e.error
+                            );
+                        }
+                        println!("{} dead letter(s)", entries.len());
+                    }
+                }
+                DlqAction::Replay { ids } => {
+                    let n = crate::dlq::replay(&mut con, &dead_letter_stream, &ids).await?;
+                    println!("replayed {n} dead letter(s)");
+                }
             }
             Ok(())
         }

@@ -13,7 +13,8 @@
 //!   batches the expiry of silent sessions (in [`apply`]) and [`retention`] (trimming, consumers).
 //!
 //! Beside them: [`config`], [`error`], [`keys`] (every key name), [`connection`], [`produce`]
-//! (the producer API), [`inspect`] (reading state back), [`cli`] and [`demo`].
+//! (the producer API), [`inspect`] (reading state back), [`dlq`] (dead letters), [`cli`] and
+//! [`demo`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
@@ -25,6 +26,7 @@ pub mod coalesce;
 pub mod config;
 pub mod connection;
 pub mod demo;
+pub mod dlq;
 pub mod error;
 pub mod event;
 pub mod ids;

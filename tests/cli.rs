@@ -231,3 +231,81 @@ async fn a_replica_killed_mid_backlog_and_restarted_ends_at_the_model() {
     signal(&run, "-TERM");
     assert!(wait_exit(&mut run, Duration::from_secs(10)).success());
 }
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed_after_a_fix() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    // Someone broke document "broken"; an entry with an unknown type is also bad.
+    let _: () = redis::cmd("SET")
+        .arg("sessions:doc:{broken}:users")
+        .arg("oops")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(cli(
+        &server,
+        &["publish", "join", "--doc", "broken", "--user", "alice"]
+    )
+    .status
+    .success());
+    let _: String = redis::cmd("XADD")
+        .arg(STREAM)
+        .arg("*")
+        .arg("type")
+        .arg("wave")
+        .arg("doc")
+        .arg("d")
+        .arg("user")
+        .arg("u")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut run = spawn_run(&server, "w1", &[]);
+    wait_drained(&mut con, STREAM, "presence").await;
+    let out = cli(&server, &["dlq", "list"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("2 dead letter(s)"), "{text}");
+    assert!(
+        text.contains("join doc=broken user=alice") && text.contains("cannot apply"),
+        "{text}"
+    );
+    assert!(text.contains("unknown event type \"wave\""), "{text}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&cli(&server, &["dlq", "list", "--json"]).stdout).unwrap();
+    let broken_id = json
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["error"].as_str().unwrap().contains("cannot apply"))
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The fix, then the replay of that one entry.
+    let _: () = redis::cmd("DEL")
+        .arg("sessions:doc:{broken}:users")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let out = cli(&server, &["dlq", "replay", "--id", &broken_id]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("replayed 1"),
+        "{out:?}"
+    );
+    wait_drained(&mut con, STREAM, "presence").await;
+    let users: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("sessions:doc:{broken}:users")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(users, ["alice"]);
+    let left = common::xrange(&mut con, "sessions:events:dead").await;
+    assert_eq!(left.len(), 1, "only the unfixable entry is left");
+    let out = cli(&server, &["dlq", "replay", "--id", "1-1"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no dead letter")
+    );
+    signal(&run, "-TERM");
+    assert!(wait_exit(&mut run, Duration::from_secs(10)).success());
+}
