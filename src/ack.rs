@@ -3,6 +3,7 @@
 use redis::aio::ConnectionManager;
 
 use crate::error::Result;
+use crate::read::Fields;
 use crate::stream_id::StreamId;
 
 /// An entry the worker will not apply, with the reason.
@@ -11,7 +12,7 @@ pub struct DeadLetter {
     /// The original entry id.
     pub id: StreamId,
     /// The original fields, as read.
-    pub fields: Vec<(Vec<u8>, Vec<u8>)>,
+    pub fields: Fields,
     /// Why it was not applied.
     pub reason: String,
 }

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::limits::Limits;
+use crate::read::Fields;
 use crate::stream_id::StreamId;
 
 /// How many fields the worker puts before the original ones.
@@ -29,7 +30,25 @@ pub struct DeadLetterEntry {
     /// The original event, when it decodes (summary: `type doc user session`).
     pub event: Option<String>,
     #[serde(skip)]
-    raw: Vec<(Vec<u8>, Vec<u8>)>,
+    raw: Fields,
+}
+
+/// `XRANGE key start end COUNT count`.
+async fn xrange(
+    con: &mut ConnectionManager,
+    key: &str,
+    start: &str,
+    end: &str,
+    count: usize,
+) -> Result<Vec<(String, Fields)>> {
+    Ok(redis::cmd("XRANGE")
+        .arg(key)
+        .arg(start)
+        .arg(end)
+        .arg("COUNT")
+        .arg(count)
+        .query_async(con)
+        .await?)
 }
 
 /// Lists up to `count` dead letters, oldest first.
@@ -38,18 +57,11 @@ pub async fn list(
     dead_stream: &str,
     count: usize,
 ) -> Result<Vec<DeadLetterEntry>> {
-    let rows: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = redis::cmd("XRANGE")
-        .arg(dead_stream)
-        .arg("-")
-        .arg("+")
-        .arg("COUNT")
-        .arg(count)
-        .query_async(con)
-        .await?;
+    let rows = xrange(con, dead_stream, "-", "+", count).await?;
     Ok(rows.into_iter().map(|(id, raw)| parse(id, raw)).collect())
 }
 
-fn parse(id: String, raw: Vec<(Vec<u8>, Vec<u8>)>) -> DeadLetterEntry {
+fn parse(id: String, raw: Fields) -> DeadLetterEntry {
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
     let own = |name: &[u8]| {
         raw.iter()
@@ -57,7 +69,7 @@ fn parse(id: String, raw: Vec<(Vec<u8>, Vec<u8>)>) -> DeadLetterEntry {
             .find(|(k, _)| k == name)
             .map(|(_, v)| text(v))
     };
-    let original: Vec<(Vec<u8>, Vec<u8>)> = raw.iter().skip(OWN_FIELDS).cloned().collect();
+    let original: Fields = raw.iter().skip(OWN_FIELDS).cloned().collect();
     let entry_id = own(b"entry_id").unwrap_or_default();
     let event = crate::event::decode_entry(
         entry_id.parse().unwrap_or_default(),
@@ -98,14 +110,7 @@ pub async fn replay(
     if ids.is_empty() {
         let mut after = "-".to_owned();
         loop {
-            let rows: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = redis::cmd("XRANGE")
-                .arg(dead_stream)
-                .arg(&after)
-                .arg("+")
-                .arg("COUNT")
-                .arg(500)
-                .query_async(con)
-                .await?;
+            let rows = xrange(con, dead_stream, &after, "+", 500).await?;
             let Some(last) = rows.last() else { break };
             let id: StreamId = last
                 .0
@@ -116,12 +121,7 @@ pub async fn replay(
         }
     } else {
         for id in ids {
-            let rows: Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)> = redis::cmd("XRANGE")
-                .arg(dead_stream)
-                .arg(id)
-                .arg(id)
-                .query_async(con)
-                .await?;
+            let rows = xrange(con, dead_stream, id, id, 1).await?;
             let Some((id, raw)) = rows.into_iter().next() else {
                 return Err(Error::Config(format!("no dead letter with id {id}")));
             };

@@ -9,13 +9,16 @@ use crate::config::GroupStart;
 use crate::error::{Error, Result};
 use crate::stream_id::StreamId;
 
+/// The field/value pairs of a stream entry.
+pub type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One stream entry as read.
 #[derive(Debug, Clone)]
 pub struct Entry {
     /// Entry id.
     pub id: StreamId,
     /// Field/value pairs; `None` when the entry was deleted (trimmed) while pending.
-    pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    pub fields: Option<Fields>,
 }
 
 /// Creates `group` on `stream` (and the stream) unless it exists.

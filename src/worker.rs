@@ -15,7 +15,7 @@ use crate::connection;
 use crate::error::{Error, Result};
 use crate::event::{decode_entry, Event};
 use crate::keys::Keys;
-use crate::read::{self, Entry, ReadFrom};
+use crate::read::{self, Entry, Fields, ReadFrom};
 use crate::stream_id::StreamId;
 use crate::{reclaim, retention, retry};
 use tokio::time::Instant;
@@ -379,7 +379,7 @@ impl Worker {
         &mut self,
         docs: &[DocUpdate],
         events: &[(StreamId, Event)],
-        raw: &mut [Vec<(Vec<u8>, Vec<u8>)>],
+        raw: &mut [Fields],
         dead: &mut Vec<DeadLetter>,
     ) -> Result<Vec<Vec<Outcome>>> {
         let shutdown = self.shutdown.clone();
