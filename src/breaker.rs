@@ -613,6 +613,21 @@ impl Window {
     }
 }
 
+/// Runs `op` under `breaker`: rejected at once with [`Error::BreakerOpen`] while the breaker is
+/// open; otherwise its outcome is recorded (only transient errors count as failures: a
+/// `WRONGTYPE` says nothing about Redis being down).
+pub async fn guard<T>(breaker: &Breaker, op: impl Future<Output = Result<T>>) -> Result<T> {
+    let permit = breaker
+        .try_acquire()
+        .map_err(|r| Error::BreakerOpen(r.retry_in))?;
+    let result = op.await;
+    match &result {
+        Err(e) if e.is_transient() => permit.failure(),
+        _ => permit.success(),
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::breaker::BreakerConfig;
 use crate::error::Error;
 use crate::limits::Limits;
 
@@ -54,6 +55,8 @@ pub struct WorkerConfig {
     pub retain: Duration,
     /// How long the batch in hand may still take after shutdown was requested.
     pub drain_timeout: Duration,
+    /// The circuit breaker guarding every Redis call.
+    pub breaker: BreakerConfig,
 }
 
 impl WorkerConfig {
@@ -78,6 +81,7 @@ impl WorkerConfig {
             consumer_idle: Duration::from_secs(3600),
             retain: Duration::from_secs(3600),
             drain_timeout: Duration::from_secs(10),
+            breaker: BreakerConfig::default(),
         }
     }
 
@@ -124,6 +128,7 @@ impl WorkerConfig {
                 self.session_ttl
             ));
         }
+        self.breaker.validate()?;
         if self.history < Duration::from_secs(1) {
             return bad(format!("--history {:?} must be at least 1s", self.history));
         }

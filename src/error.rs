@@ -14,6 +14,9 @@ pub enum Error {
         /// Why.
         source: redis::RedisError,
     },
+    /// The circuit breaker is open: nothing is sent to Redis for a while.
+    #[error("Redis is unavailable (circuit breaker open, next try in {0:?})")]
+    BreakerOpen(std::time::Duration),
     /// An entry is not a valid v1 event; the text is the dead-letter reason.
     #[error("invalid event: {0}")]
     InvalidEvent(String),
@@ -35,7 +38,7 @@ impl Error {
     pub fn is_transient(&self) -> bool {
         match self {
             Error::Redis(e) | Error::Connect { source: e, .. } => redis_is_transient(e),
-            Error::Io(_) => true,
+            Error::Io(_) | Error::BreakerOpen(_) => true,
             _ => false,
         }
     }

@@ -45,7 +45,11 @@ where
                         return Err(e);
                     }
                 }
-                let delay = delays.next().unwrap_or(Duration::from_secs(2));
+                let delay = match e {
+                    // Nothing will be sent before the breaker's cooldown ends: wait for it.
+                    Error::BreakerOpen(retry_in) => retry_in.max(Duration::from_millis(10)),
+                    _ => delays.next().unwrap_or(Duration::from_secs(2)),
+                };
                 tracing::warn!(error = %e, retry_in = ?delay, "{what} failed, retrying");
                 tokio::time::sleep(delay).await;
             }

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ack::{Acker, DeadLetter};
 use crate::apply::{Applier, Outcome};
+use crate::breaker::{guard, Breaker};
 use crate::coalesce::{coalesce, DocUpdate};
 use crate::config::WorkerConfig;
 use crate::connection;
@@ -75,7 +76,9 @@ pub async fn run_with_stats(
         stream = %config.stream, group = %config.group, consumer = %config.consumer,
         "worker started"
     );
+    let breaker = Breaker::new("redis", config.breaker.clone());
     let mut worker = Worker {
+        breaker,
         applier: Applier::new(
             Keys::new(&config.prefix),
             config.history.as_millis() as u64,
@@ -107,6 +110,8 @@ struct Worker {
     read_con: ConnectionManager,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
+    /// Guards every Redis call: while open, nothing is sent.
+    breaker: Breaker,
     /// Whether the last read of new entries returned less than a full batch: only then does
     /// expiry run, so a backlog of heartbeats is applied before silence is judged.
     caught_up: bool,
@@ -123,34 +128,28 @@ impl Worker {
         let mut delays = retry::backoff();
         while !self.shutdown.is_cancelled() {
             let c = &self.config;
-            let result = match pending {
-                Some(after) => {
-                    let from = ReadFrom::Pending(after);
-                    read::read(
-                        &mut self.read_con,
-                        &c.stream,
-                        &c.group,
-                        &c.consumer,
-                        c.batch,
-                        from,
-                    )
-                    .await
-                }
-                None => {
-                    let from = ReadFrom::New(c.block);
-                    let read = read::read(
-                        &mut self.read_con,
-                        &c.stream,
-                        &c.group,
-                        &c.consumer,
-                        c.batch,
-                        from,
-                    );
-                    tokio::select! {
-                        // Cancel only here, while waiting for input: a batch in hand is finished.
-                        _ = self.shutdown.cancelled() => break,
-                        r = read => r,
-                    }
+            let from = match pending {
+                Some(after) => ReadFrom::Pending(after),
+                None => ReadFrom::New(c.block),
+            };
+            let read = guard(
+                &self.breaker,
+                read::read(
+                    &mut self.read_con,
+                    &c.stream,
+                    &c.group,
+                    &c.consumer,
+                    c.batch,
+                    from,
+                ),
+            );
+            let result = if pending.is_some() {
+                read.await
+            } else {
+                tokio::select! {
+                    // Cancel only here, while waiting for input: a batch in hand is finished.
+                    _ = self.shutdown.cancelled() => break,
+                    r = read => r,
                 }
             };
             match result {
@@ -178,7 +177,10 @@ impl Worker {
                 Err(e) => {
                     // Whatever a failed read delivered is in our pending list: replay it.
                     pending = Some(StreamId::default());
-                    let delay = delays.next().unwrap_or(Duration::from_secs(2));
+                    let delay = match e {
+                        Error::BreakerOpen(retry_in) => retry_in,
+                        _ => delays.next().unwrap_or(Duration::from_secs(2)),
+                    };
                     tracing::warn!(error = %e, retry_in = ?delay, "read failed");
                     tokio::select! {
                         _ = self.shutdown.cancelled() => break,
@@ -209,7 +211,8 @@ impl Worker {
             let every = (self.config.session_ttl / 4)
                 .clamp(Duration::from_millis(250), Duration::from_secs(5));
             self.next_expire = now + every;
-            match self.expire().await {
+            let breaker = self.breaker.clone();
+            match guard(&breaker, self.expire()).await {
                 Ok(true) => self.next_expire = now, // more are due: go on at the next turn
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "expiry failed"),
@@ -217,7 +220,8 @@ impl Worker {
         }
         if now >= self.next_housekeeping {
             self.next_housekeeping = now + HOUSEKEEPING_EVERY;
-            if let Err(e) = self.housekeeping().await {
+            let breaker = self.breaker.clone();
+            if let Err(e) = guard(&breaker, self.housekeeping()).await {
                 tracing::warn!(error = %e, "housekeeping failed");
             }
         }
@@ -228,7 +232,7 @@ impl Worker {
         let mut cursor = StreamId::default();
         for _ in 0..16 {
             let c = &self.config;
-            let claimed = reclaim::autoclaim(
+            let claim = reclaim::autoclaim(
                 &mut self.apply_con,
                 &c.stream,
                 &c.group,
@@ -236,8 +240,9 @@ impl Worker {
                 c.claim_idle,
                 cursor,
                 c.batch,
-            )
-            .await?;
+            );
+            // Guarded call by call: `process` below guards its own calls.
+            let claimed = guard(&self.breaker, claim).await?;
             self.stats
                 .trimmed
                 .fetch_add(claimed.deleted as u64, Ordering::Relaxed);
@@ -318,14 +323,14 @@ impl Worker {
         let _guard = span.enter();
         let deliveries = if redelivered {
             let c = &self.config;
-            reclaim::delivery_counts(
+            let counts = reclaim::delivery_counts(
                 &mut self.apply_con,
                 &c.stream,
                 &c.group,
                 &c.consumer,
                 &entries,
-            )
-            .await?
+            );
+            guard(&self.breaker, counts).await?
         } else {
             Default::default()
         };
@@ -363,12 +368,12 @@ impl Worker {
         let docs = coalesce(&events);
         let outcomes = self.apply(&docs, &events, &mut raw, &mut dead).await?;
         self.count(&docs, &events, &outcomes, dead.len());
-        let (acker, con) = (&self.acker, &self.apply_con);
+        let (acker, con, breaker) = (&self.acker, &self.apply_con, &self.breaker);
         let shutdown = self.shutdown.clone();
         retry::until_done("acknowledge", &shutdown, self.config.drain_timeout, || {
             let mut con = con.clone();
             let (dead, ids) = (&dead, &ids);
-            async move { acker.finish(&mut con, dead, ids).await }
+            async move { guard(breaker, acker.finish(&mut con, dead, ids)).await }
         })
         .await?;
         Ok(())
@@ -383,10 +388,10 @@ impl Worker {
         dead: &mut Vec<DeadLetter>,
     ) -> Result<Vec<Vec<Outcome>>> {
         let shutdown = self.shutdown.clone();
-        let (applier, con) = (&self.applier, &self.apply_con);
+        let (applier, con, breaker) = (&self.applier, &self.apply_con, &self.breaker);
         let all = retry::until_done("apply", &shutdown, self.config.drain_timeout, || {
             let mut con = con.clone();
-            async move { applier.apply(&mut con, docs).await }
+            async move { guard(breaker, applier.apply(&mut con, docs)).await }
         })
         .await;
         match all {
@@ -401,7 +406,7 @@ impl Worker {
             let one = std::slice::from_ref(d);
             let r = retry::until_done("apply", &shutdown, self.config.drain_timeout, || {
                 let mut con = con.clone();
-                async move { applier.apply(&mut con, one).await }
+                async move { guard(breaker, applier.apply(&mut con, one)).await }
             })
             .await;
             match r {
