@@ -161,6 +161,12 @@ pub struct RunArgs {
     /// Trim events older than this from the stream, unless a group still needs them (0: never).
     #[arg(long, env = "PRESENCE_RETAIN", default_value = "1h", value_parser = duration)]
     pub retain: Duration,
+    /// Consecutive Redis failures that open the circuit breaker (0: no breaker).
+    #[arg(long, env = "PRESENCE_BREAKER_FAILURES", default_value_t = 5)]
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before one probe (jittered up to +20%).
+    #[arg(long, env = "PRESENCE_BREAKER_COOLDOWN", default_value = "5s", value_parser = duration)]
+    pub breaker_cooldown: Duration,
     /// On SIGTERM/SIGINT, how long the batch in hand may still take.
     #[arg(long, env = "PRESENCE_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,
@@ -193,6 +199,9 @@ impl RunArgs {
         c.consumer_idle = self.consumer_idle;
         c.retain = self.retain;
         c.drain_timeout = self.drain_timeout;
+        c.breaker = crate::breaker::BreakerConfig::default()
+            .with_failure_threshold(self.breaker_failures)
+            .with_cooldown(self.breaker_cooldown);
         c.group_start = if self.group_start == "end" {
             GroupStart::End
         } else {

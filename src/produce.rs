@@ -1,12 +1,39 @@
 //! The producer API: append events in wire format v1 (what `presence-worker publish` uses).
+//!
+//! Transient failures are retried with backoff, bounded in attempts and total time; while the
+//! circuit breaker is open, `publish` fails at once with [`Error::BreakerOpen`]. Retrying the
+//! same [`Event`] (same `id`, same `seq`) after an error is always safe: a copy that did reach
+//! the stream is recognised by the worker.
+
+use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+use tokio::time::Instant;
 
+use crate::breaker::{guard, Breaker, BreakerConfig};
 use crate::connection;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::limits::Limits;
 use crate::stream_id::StreamId;
+
+/// How hard `publish` tries before giving up.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Most attempts per call (1: no retry).
+    pub max_attempts: u32,
+    /// Most time per call, retries included.
+    pub max_elapsed: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            max_elapsed: Duration::from_secs(10),
+        }
+    }
+}
 
 /// Appends events to the events stream.
 #[derive(Clone)]
@@ -14,35 +41,56 @@ pub struct Producer {
     con: ConnectionManager,
     stream: String,
     limits: Limits,
+    breaker: Breaker,
+    policy: RetryPolicy,
 }
 
 impl Producer {
-    /// Connects to `redis_url`, appending to `stream`.
+    /// Connects to `redis_url`, appending to `stream`, with the default retry policy and breaker.
     pub async fn connect(redis_url: &str, stream: impl Into<String>) -> Result<Self> {
         let client = connection::client(redis_url)?;
-        let con = connection::manager(&client, std::time::Duration::from_secs(5)).await?;
+        let con = connection::manager(&client, Duration::from_secs(5)).await?;
         Ok(Self {
             con,
             stream: stream.into(),
             limits: Limits::default(),
+            breaker: Breaker::new("producer", BreakerConfig::default()),
+            policy: RetryPolicy::default(),
         })
+    }
+
+    /// Replaces the retry policy.
+    #[must_use]
+    pub fn with_retry(mut self, policy: RetryPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Replaces the circuit breaker configuration.
+    #[must_use]
+    pub fn with_breaker(mut self, config: BreakerConfig) -> Self {
+        self.breaker = Breaker::new("producer", config);
+        self
+    }
+
+    /// The producer's circuit breaker (for its state).
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     /// Checks and appends one event (`XADD <stream> * e <payload>`); returns its entry id.
     ///
-    /// An event the worker would dead-letter is refused here with [`crate::Error::InvalidEvent`].
+    /// An event the worker would dead-letter is refused here with [`Error::InvalidEvent`].
     pub async fn publish(&mut self, event: &Event) -> Result<StreamId> {
         event.validate(&self.limits)?;
         let payload = event.encode()?;
-        let id: String = redis::cmd("XADD")
-            .arg(&self.stream)
-            .arg("*")
-            .arg("e")
-            .arg(payload)
-            .query_async(&mut self.con)
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&self.stream).arg("*").arg("e").arg(payload);
+        let cmd = &cmd;
+        let id: String = self
+            .with_retries(|mut con| async move { cmd.query_async(&mut con).await })
             .await?;
-        id.parse()
-            .map_err(|_| crate::Error::Protocol(format!("XADD returned {id:?}")))
+        parse_id(&id)
     }
 
     /// Appends many events in one round trip; returns their entry ids in order.
@@ -56,12 +104,43 @@ impl Producer {
                 .arg("e")
                 .arg(ev.encode()?);
         }
-        let ids: Vec<String> = pipe.query_async(&mut self.con).await?;
-        ids.iter()
-            .map(|id| {
-                id.parse()
-                    .map_err(|_| crate::Error::Protocol(format!("XADD returned {id:?}")))
-            })
-            .collect()
+        let pipe = &pipe;
+        let ids: Vec<String> = self
+            .with_retries(|mut con| async move { pipe.query_async(&mut con).await })
+            .await?;
+        ids.iter().map(|id| parse_id(id)).collect()
     }
+
+    async fn with_retries<T, F, Fut>(&mut self, mut op: F) -> Result<T>
+    where
+        F: FnMut(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let start = Instant::now();
+        let mut delays = crate::retry::backoff();
+        let mut attempt = 1;
+        loop {
+            let fut = op(self.con.clone());
+            match guard(&self.breaker, async { Ok(fut.await?) }).await {
+                Ok(v) => return Ok(v),
+                Err(e @ Error::BreakerOpen(_)) => return Err(e),
+                Err(e) if !e.is_transient() => return Err(e),
+                Err(e) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(1));
+                    let out_of_time = start.elapsed() + delay > self.policy.max_elapsed;
+                    if attempt >= self.policy.max_attempts || out_of_time {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, attempt, "publish failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}
+
+fn parse_id(id: &str) -> Result<StreamId> {
+    id.parse()
+        .map_err(|_| Error::Protocol(format!("XADD returned {id:?}")))
 }
