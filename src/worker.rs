@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ack::{Acker, DeadLetter};
 use crate::apply::{Applier, Outcome};
-use crate::breaker::{guard, Breaker};
+use crate::breaker::{guard, Breaker, BreakerState};
 use crate::coalesce::{coalesce, DocUpdate};
 use crate::config::WorkerConfig;
 use crate::connection;
@@ -40,6 +40,10 @@ pub struct Stats {
     pub reclaimed: AtomicU64,
     /// Sessions expired by this worker.
     pub expired: AtomicU64,
+    /// Times the circuit breaker opened.
+    pub breaker_opened: AtomicU64,
+    /// Times the circuit breaker closed again.
+    pub breaker_closed: AtomicU64,
 }
 
 /// How often the stream is trimmed and gone consumers are removed.
@@ -77,6 +81,15 @@ pub async fn run_with_stats(
         "worker started"
     );
     let breaker = Breaker::new("redis", config.breaker.clone());
+    let observed = stats.clone();
+    breaker.on_transition(move |_, to| {
+        let counter = match to {
+            BreakerState::Open => &observed.breaker_opened,
+            BreakerState::Closed => &observed.breaker_closed,
+            BreakerState::HalfOpen => return,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    });
     let mut worker = Worker {
         breaker,
         applier: Applier::new(

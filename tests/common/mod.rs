@@ -77,6 +77,16 @@ impl RedisServer {
         let _ = self.child.wait();
     }
 
+    /// Sends a signal (`-STOP`, `-CONT`, ...) to the server process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill {sig}");
+    }
+
     /// `redis://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
