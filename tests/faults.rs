@@ -215,3 +215,38 @@ async fn a_replica_killed_for_good_has_its_pending_entries_finished_by_the_other
         r.wait().unwrap();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cut_and_black_holed_by_a_proxy() {
+    let server = RedisServer::start();
+    let proxy = common::proxy::Proxy::start(([127, 0, 0, 1], server.port).into()).await;
+    let mut con = server.con().await;
+    let entries = generate(41, 30_000);
+    let (model, _) = model_of(&entries);
+    append(&mut con, &entries).await;
+    let mut cfg = presence_worker::WorkerConfig::new(proxy.url(), "w1");
+    cfg.block = Duration::from_millis(100);
+    cfg.batch = 100;
+    cfg.response_timeout = Duration::from_millis(500);
+    cfg.breaker = BreakerConfig::default()
+        .with_failure_threshold(3)
+        .with_cooldown(Duration::from_millis(200));
+    let w = RunningWorker::spawn(cfg);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.blackhole();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, lag) = group_pending_lag(&mut con, STREAM, GROUP).await;
+    assert!(
+        lag > 0,
+        "the black hole struck in the middle of the backlog"
+    );
+    proxy.heal();
+    proxy.cut();
+    wait_drained(&mut con, STREAM, GROUP).await;
+    assert_state(&mut con, "sessions", &model).await;
+    assert!(w.stats.breaker_opened.load(Ordering::Relaxed) >= 1);
+    assert!(proxy.accepted() > 2, "the worker reconnected");
+    w.stop().await;
+}

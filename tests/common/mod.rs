@@ -3,6 +3,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod model;
+pub mod proxy;
 pub mod workload;
 
 use std::net::TcpListener;
