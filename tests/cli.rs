@@ -309,3 +309,35 @@ async fn dead_letters_are_listed_and_replayed_after_a_fix() {
     signal(&run, "-TERM");
     assert!(wait_exit(&mut run, Duration::from_secs(10)).success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_batch_in_hand_and_a_second_signal_exits_at_once() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let entries = generate(5, 40_000);
+    let (model, _) = model_of(&entries);
+    append(&mut con, &entries).await;
+    let mut run = spawn_run(&server, "w1", &["--batch", "2000", "--drain-timeout", "3s"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    signal(&run, "-TERM");
+    let status = wait_exit(&mut run, Duration::from_secs(5));
+    assert!(status.success(), "exit 0 on SIGTERM: {status:?}");
+    assert!(asked.elapsed() < Duration::from_secs(3), "within the drain timeout");
+    let (pending, lag) = common::group_pending_lag(&mut con, STREAM, "presence").await;
+    assert_eq!(pending, 0, "the batch in hand was acknowledged");
+    assert!(lag > 0, "it stopped reading before the end of the backlog");
+
+    // Two signals in a row: out at once, and the next run still ends at the model.
+    let mut run = spawn_run(&server, "w1", &["--batch", "2000"]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&run, "-TERM");
+    signal(&run, "-TERM");
+    let status = wait_exit(&mut run, Duration::from_secs(2));
+    assert!(status.code().is_some());
+    let mut run = spawn_run(&server, "w1", &[]);
+    wait_drained(&mut con, STREAM, "presence").await;
+    assert_state(&mut con, "sessions", &model).await;
+    signal(&run, "-TERM");
+    assert!(wait_exit(&mut run, Duration::from_secs(10)).success());
+}
