@@ -186,6 +186,18 @@ impl Worker {
                         }
                     }
                 }
+                Err(Error::Redis(e)) if matches!(e.code(), Some("NOGROUP" | "UNBLOCKED")) => {
+                    // The stream or the group was deleted under us: create them again.
+                    tracing::warn!(error = %e, "consumer group missing, creating it again");
+                    let c = &self.config;
+                    let create =
+                        read::ensure_group(&mut self.apply_con, &c.stream, &c.group, c.group_start);
+                    if let Err(e) = guard(&self.breaker, create).await {
+                        tracing::warn!(error = %e, "cannot create the consumer group");
+                        tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(2))).await;
+                    }
+                    pending = Some(StreamId::default());
+                }
                 Err(e) if retry::is_fatal(&e) => return Err(e),
                 Err(e) => {
                     // Whatever a failed read delivered is in our pending list: replay it.

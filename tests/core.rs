@@ -597,3 +597,20 @@ async fn ended_sessions_are_pruned_from_a_busy_document() {
     assert_eq!(ended, 0);
     w.stop().await;
 }
+
+#[tokio::test]
+async fn a_deleted_group_or_stream_is_created_again() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let w = drain(&server).await;
+    let _: () = redis::cmd("DEL")
+        .arg(STREAM)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish(&server, &[ev(EventType::Join, "d", "back", None)]).await;
+    wait_drained(&mut con, STREAM, GROUP).await;
+    assert_eq!(state(&mut con, "d").await.users, ["back"]);
+    w.stop().await;
+}
