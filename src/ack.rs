@@ -15,6 +15,8 @@ pub struct DeadLetter {
     pub fields: Fields,
     /// Why it was not applied.
     pub reason: String,
+    /// The reason's class for metrics: `invalid`, `too_many_deliveries` or `cannot_apply`.
+    pub class: &'static str,
 }
 
 /// Where a batch is acknowledged.

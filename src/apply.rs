@@ -48,6 +48,7 @@ pub struct Applier {
     claim_due: Script,
     keys: Keys,
     expiry_index: String,
+    stats: String,
     history_ms: u64,
     ttl_ms: u64,
 }
@@ -61,6 +62,7 @@ impl Applier {
             expire: Script::new(EXPIRE_LUA),
             claim_due: Script::new(CLAIM_DUE_LUA),
             expiry_index: keys.expiry_index(),
+            stats: keys.stats(),
             keys,
             history_ms,
             ttl_ms,
@@ -105,7 +107,7 @@ impl Applier {
     fn doc_invocation<'s>(&self, script: &'s Script, doc: &str) -> redis::ScriptInvocation<'s> {
         let k = self.keys.doc(doc);
         let mut inv = script.prepare_invoke();
-        for key in k.script_keys(&self.expiry_index) {
+        for key in k.script_keys(&self.expiry_index, &self.stats) {
             inv.key(key);
         }
         inv.arg(self.history_ms).arg(self.ttl_ms).arg(doc);

@@ -622,8 +622,15 @@ pub async fn guard<T>(breaker: &Breaker, op: impl Future<Output = Result<T>>) ->
         .map_err(|r| Error::BreakerOpen(r.retry_in))?;
     let result = op.await;
     match &result {
-        Err(e) if e.is_transient() => permit.failure(),
-        _ => permit.success(),
+        Err(e) if e.is_transient() => {
+            crate::metrics::redis_error(e);
+            permit.failure()
+        }
+        Err(e) => {
+            crate::metrics::redis_error(e);
+            permit.success()
+        }
+        Ok(_) => permit.success(),
     }
     result
 }

@@ -167,9 +167,25 @@ pub struct RunArgs {
     /// How long the breaker stays open before one probe (jittered up to +20%).
     #[arg(long, env = "PRESENCE_BREAKER_COOLDOWN", default_value = "5s", value_parser = duration)]
     pub breaker_cooldown: Duration,
+    /// Where /metrics, /healthz and /readyz are served (`off`: nowhere).
+    #[arg(long, env = "PRESENCE_HTTP_ADDR", default_value = "0.0.0.0:9464", value_parser = http_addr)]
+    pub http_addr: HttpAddr,
     /// On SIGTERM/SIGINT, how long the batch in hand may still take.
     #[arg(long, env = "PRESENCE_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,
+}
+
+/// `--http-addr`: an address, or `off`.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpAddr(pub Option<std::net::SocketAddr>);
+
+fn http_addr(s: &str) -> std::result::Result<HttpAddr, String> {
+    if s == "off" {
+        return Ok(HttpAddr(None));
+    }
+    s.parse()
+        .map(|a| HttpAddr(Some(a)))
+        .map_err(|e| format!("{e} (write host:port, e.g. 0.0.0.0:9464, or off)"))
 }
 
 /// Parses a duration such as `500ms`, `5s`, `2m`, `1h`; a bare `0` is zero (off).
@@ -199,6 +215,7 @@ impl RunArgs {
         c.consumer_idle = self.consumer_idle;
         c.retain = self.retain;
         c.drain_timeout = self.drain_timeout;
+        c.http_addr = self.http_addr.0;
         c.breaker = crate::breaker::BreakerConfig::default()
             .with_failure_threshold(self.breaker_failures)
             .with_cooldown(self.breaker_cooldown);

@@ -57,6 +57,8 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// The circuit breaker guarding every Redis call.
     pub breaker: BreakerConfig,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: not served).
+    pub http_addr: Option<std::net::SocketAddr>,
 }
 
 impl WorkerConfig {
@@ -82,6 +84,7 @@ impl WorkerConfig {
             retain: Duration::from_secs(3600),
             drain_timeout: Duration::from_secs(10),
             breaker: BreakerConfig::default(),
+            http_addr: None,
         }
     }
 

@@ -44,6 +44,39 @@ impl Error {
     }
 }
 
+impl Error {
+    /// A short, bounded class name for metrics: `io`, `timeout`, a server error code in lower
+    /// case (`loading`, `busy`, `wrongtype`, `noperm`, ...), `breaker_open`, or `other`.
+    pub fn class(&self) -> &'static str {
+        let e = match self {
+            Error::Redis(e) | Error::Connect { source: e, .. } => e,
+            Error::BreakerOpen(_) => return "breaker_open",
+            Error::Io(_) => return "io",
+            _ => return "other",
+        };
+        if e.is_timeout() {
+            return "timeout";
+        }
+        if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() {
+            return "io";
+        }
+        match e.code() {
+            Some("LOADING") => "loading",
+            Some("BUSY") => "busy",
+            Some("TRYAGAIN") => "tryagain",
+            Some("MASTERDOWN") => "masterdown",
+            Some("READONLY") => "readonly",
+            Some("CLUSTERDOWN") => "clusterdown",
+            Some("NOSCRIPT") => "noscript",
+            Some("WRONGTYPE") => "wrongtype",
+            Some("NOPERM") => "noperm",
+            Some("NOGROUP") => "nogroup",
+            Some(c) if c.starts_with("ERR") => "err",
+            _ => "other",
+        }
+    }
+}
+
 /// Classifies a Redis error as transient (see [`Error::is_transient`]).
 pub fn redis_is_transient(e: &redis::RedisError) -> bool {
     if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {

@@ -30,6 +30,9 @@ pub enum EventType {
 }
 
 impl EventType {
+    /// Every type, in the order of their discriminants.
+    pub const ALL: [EventType; 3] = [Self::Join, Self::Leave, Self::Heartbeat];
+
     /// Parses the wire name (`join`, `leave`, `heartbeat`).
     pub fn parse(s: &str) -> Option<Self> {
         match s {

@@ -28,8 +28,8 @@ pub struct DocKeys {
 
 impl DocKeys {
     /// The keys in the order the document scripts take them (see `lua/common.lua`), followed by
-    /// the global expiry index.
-    pub fn script_keys<'a>(&'a self, expiry_index: &'a str) -> [&'a str; 7] {
+    /// the global expiry index and stats hash.
+    pub fn script_keys<'a>(&'a self, expiry_index: &'a str, stats: &'a str) -> [&'a str; 8] {
         [
             &self.users,
             &self.count,
@@ -38,6 +38,7 @@ impl DocKeys {
             &self.ended,
             &self.alive,
             expiry_index,
+            stats,
         ]
     }
 }
@@ -72,6 +73,11 @@ impl Keys {
             ended: format!("{base}ended"),
             alive: format!("{base}alive"),
         }
+    }
+
+    /// HASH of totals over all documents: `live_sessions`, `present_users`.
+    pub fn stats(&self) -> String {
+        format!("{}:stats", self.prefix)
     }
 
     /// ZSET of documents by the server time their first live session is due to expire.

@@ -12,7 +12,8 @@
 //! - [`worker`]: the loop that ties them together, with [`retry`] and [`shutdown`], and between
 //!   batches the expiry of silent sessions (in [`apply`]) and [`retention`] (trimming, consumers).
 //!
-//! Beside them: [`config`], [`error`], [`keys`] (every key name), [`connection`], [`produce`]
+//! Beside them: [`config`], [`error`], [`keys`] (every key name), [`metrics`] (every metric) and
+//! [`http`] (health and metrics endpoints), [`connection`], [`produce`]
 //! (the producer API), [`inspect`] (reading state back), [`dlq`] (dead letters), [`cli`] and
 //! [`demo`].
 #![forbid(unsafe_code)]
@@ -29,10 +30,12 @@ pub mod demo;
 pub mod dlq;
 pub mod error;
 pub mod event;
+pub mod http;
 pub mod ids;
 pub mod inspect;
 pub mod keys;
 pub mod limits;
+pub mod metrics;
 pub mod produce;
 pub mod read;
 pub mod reclaim;

@@ -19,27 +19,13 @@ pub async fn trim(con: &mut ConnectionManager, stream: &str, retain: Duration) -
     let time: (u64, u64) = redis::cmd("TIME").query_async(con).await?;
     let now_ms = time.0 * 1000 + time.1 / 1000;
     let mut cut = StreamId::new(now_ms.saturating_sub(retain.as_millis() as u64), 0);
-    let groups: Vec<Value> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(con)
-        .await?;
-    for g in groups {
-        let fields = field_map(g);
-        let name = fields
-            .iter()
-            .find(|(k, _)| k == "name")
-            .map(|(_, v)| v.clone());
-        let Some(name) = name else { continue };
-        if let Some(last) = fields.iter().find(|(k, _)| k == "last-delivered-id") {
-            if let Ok(id) = last.1.parse::<StreamId>() {
-                // Everything after the last delivered entry is still to be delivered.
-                cut = cut.min(StreamId::new(id.ms, id.seq.saturating_add(1)));
-            }
-        }
+    for g in groups(con, stream).await? {
+        // Everything after the last delivered entry is still to be delivered.
+        let next = g.last_delivered;
+        cut = cut.min(StreamId::new(next.ms, next.seq.saturating_add(1)));
         let summary: Value = redis::cmd("XPENDING")
             .arg(stream)
-            .arg(&name)
+            .arg(&g.name)
             .query_async(con)
             .await?;
         if let Value::Array(parts) = summary {
@@ -58,6 +44,46 @@ pub async fn trim(con: &mut ConnectionManager, stream: &str, retain: Duration) -
         .query_async(con)
         .await?;
     Ok(removed)
+}
+
+/// One consumer group of a stream, from `XINFO GROUPS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// Group name.
+    pub name: String,
+    /// Entries delivered and not acknowledged.
+    pub pending: u64,
+    /// Entries not yet delivered (Redis 7; `None` when Redis cannot tell).
+    pub lag: Option<u64>,
+    /// Last entry delivered to the group.
+    pub last_delivered: StreamId,
+}
+
+/// Every consumer group of `stream`.
+pub async fn groups(
+    con: &mut impl redis::aio::ConnectionLike,
+    stream: &str,
+) -> Result<Vec<GroupInfo>> {
+    let groups: Vec<Value> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(con)
+        .await?;
+    Ok(groups
+        .into_iter()
+        .filter_map(|g| {
+            let fields = field_map(g);
+            let get = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+            Some(GroupInfo {
+                name: get("name")?.to_owned(),
+                pending: get("pending").and_then(|v| v.parse().ok()).unwrap_or(0),
+                lag: get("lag").and_then(|v| v.parse().ok()),
+                last_delivered: get("last-delivered-id")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_default(),
+            })
+        })
+        .collect())
 }
 
 /// Removes the consumers of `group` idle for longer than `idle` with nothing pending (never

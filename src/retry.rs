@@ -32,7 +32,7 @@ pub const MAX_ELAPSED: Duration = Duration::from_secs(60);
 /// cancelled; then the last error is returned (unacknowledged entries are redelivered later, so
 /// giving up loses nothing).
 pub async fn until_done<T, F, Fut>(
-    what: &str,
+    what: &'static str,
     shutdown: &CancellationToken,
     drain: Duration,
     mut op: F,
@@ -64,6 +64,7 @@ where
                     _ => delays.next().unwrap_or(Duration::from_secs(2)),
                 };
                 tracing::warn!(error = %e, retry_in = ?delay, "{what} failed, retrying");
+                crate::metrics::retry(what);
                 tokio::time::sleep(delay).await;
             }
         }

@@ -1,4 +1,8 @@
-//! The consumer loop: read → decode → coalesce → apply → acknowledge.
+//! The consumer loop: read → decode → coalesce → apply → acknowledge (in [`batch`]), and between
+//! batches the periodic tasks (in [`periodic`]): reclaim, expiry, housekeeping, sampling.
+
+mod batch;
+mod periodic;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -7,18 +11,16 @@ use std::time::Duration;
 use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
-use crate::ack::{Acker, DeadLetter};
-use crate::apply::{Applier, Outcome};
+use crate::ack::Acker;
+use crate::apply::Applier;
 use crate::breaker::{guard, Breaker, BreakerState};
-use crate::coalesce::{coalesce, DocUpdate};
 use crate::config::WorkerConfig;
 use crate::connection;
 use crate::error::{Error, Result};
-use crate::event::{decode_entry, Event};
 use crate::keys::Keys;
-use crate::read::{self, Entry, Fields, ReadFrom};
+use crate::read::{self, ReadFrom};
+use crate::retry;
 use crate::stream_id::StreamId;
-use crate::{reclaim, retention, retry};
 use tokio::time::Instant;
 
 /// Counters of what a worker did, readable while it runs (tests and the demo use them).
@@ -44,10 +46,15 @@ pub struct Stats {
     pub breaker_opened: AtomicU64,
     /// Times the circuit breaker closed again.
     pub breaker_closed: AtomicU64,
+    /// Where the HTTP listener is bound, once it is.
+    pub http_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// How often the stream is trimmed and gone consumers are removed.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
+
+/// How often the gauges (lag, pending, lengths, totals) are sampled.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
 
 /// Most documents one expiry round takes on.
 const EXPIRE_DOCS_PER_ROUND: usize = 200;
@@ -83,6 +90,7 @@ pub async fn run_with_stats(
     let breaker = Breaker::new("redis", config.breaker.clone());
     let observed = stats.clone();
     breaker.on_transition(move |_, to| {
+        crate::metrics::breaker(to);
         let counter = match to {
             BreakerState::Open => &observed.breaker_opened,
             BreakerState::Closed => &observed.breaker_closed,
@@ -90,6 +98,19 @@ pub async fn run_with_stats(
         };
         counter.fetch_add(1, Ordering::Relaxed);
     });
+    let handle = crate::metrics::install();
+    crate::metrics::breaker_initial(breaker.state());
+    if let Some(addr) = config.http_addr {
+        let health = Arc::new(crate::http::Health {
+            client: client.clone(),
+            stream: config.stream.clone(),
+            group: config.group.clone(),
+            breaker: breaker.clone(),
+            metrics: handle,
+        });
+        let bound = crate::http::serve(addr, health, shutdown.clone()).await?;
+        let _ = stats.http_addr.set(bound);
+    }
     let mut worker = Worker {
         breaker,
         applier: Applier::new(
@@ -111,6 +132,7 @@ pub async fn run_with_stats(
         next_reclaim: Instant::now(),
         next_expire: Instant::now(),
         next_housekeeping: Instant::now(),
+        next_sample: Instant::now(),
     };
     worker.run().await
 }
@@ -131,6 +153,7 @@ struct Worker {
     next_reclaim: Instant,
     next_expire: Instant,
     next_housekeeping: Instant,
+    next_sample: Instant,
 }
 
 impl Worker {
@@ -219,293 +242,5 @@ impl Worker {
         }
         tracing::info!(consumer = %self.config.consumer, "worker stopped");
         Ok(())
-    }
-
-    /// The tasks that run between batches: reclaim, expiry, housekeeping. Their failures are
-    /// logged and retried at their next turn; they never stop the worker.
-    async fn periodic(&mut self) {
-        let now = Instant::now();
-        let c = &self.config;
-        if !c.claim_idle.is_zero() && now >= self.next_reclaim {
-            self.next_reclaim = now + (c.claim_idle / 2).max(Duration::from_millis(100));
-            if let Err(e) = self.reclaim().await {
-                tracing::warn!(error = %e, "reclaim failed");
-            }
-        }
-        if !self.config.session_ttl.is_zero() && self.caught_up && now >= self.next_expire {
-            let every = (self.config.session_ttl / 4)
-                .clamp(Duration::from_millis(250), Duration::from_secs(5));
-            self.next_expire = now + every;
-            let breaker = self.breaker.clone();
-            match guard(&breaker, self.expire()).await {
-                Ok(true) => self.next_expire = now, // more are due: go on at the next turn
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "expiry failed"),
-            }
-        }
-        if now >= self.next_housekeeping {
-            self.next_housekeeping = now + HOUSEKEEPING_EVERY;
-            let breaker = self.breaker.clone();
-            if let Err(e) = guard(&breaker, self.housekeeping()).await {
-                tracing::warn!(error = %e, "housekeeping failed");
-            }
-        }
-    }
-
-    /// Takes over entries other consumers left pending longer than `--claim-idle`.
-    async fn reclaim(&mut self) -> Result<()> {
-        let mut cursor = StreamId::default();
-        for _ in 0..16 {
-            let c = &self.config;
-            let claim = reclaim::autoclaim(
-                &mut self.apply_con,
-                &c.stream,
-                &c.group,
-                &c.consumer,
-                c.claim_idle,
-                cursor,
-                c.batch,
-            );
-            // Guarded call by call: `process` below guards its own calls.
-            let claimed = guard(&self.breaker, claim).await?;
-            self.stats
-                .trimmed
-                .fetch_add(claimed.deleted as u64, Ordering::Relaxed);
-            if !claimed.entries.is_empty() {
-                tracing::info!(
-                    entries = claimed.entries.len(),
-                    "reclaimed idle pending entries"
-                );
-                self.stats
-                    .reclaimed
-                    .fetch_add(claimed.entries.len() as u64, Ordering::Relaxed);
-                self.process(claimed.entries, true).await?;
-            }
-            if claimed.next == StreamId::default() {
-                break;
-            }
-            cursor = claimed.next;
-        }
-        Ok(())
-    }
-
-    /// Expires the silent sessions of documents that are due; true when more may be due.
-    async fn expire(&mut self) -> Result<bool> {
-        let lease =
-            (self.config.session_ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
-        let docs = self
-            .applier
-            .claim_due(
-                &mut self.apply_con,
-                lease.as_millis() as u64,
-                EXPIRE_DOCS_PER_ROUND,
-            )
-            .await?;
-        if docs.is_empty() {
-            return Ok(false);
-        }
-        let n = self.applier.expire(&mut self.apply_con, &docs).await?;
-        self.stats.expired.fetch_add(n, Ordering::Relaxed);
-        if n > 0 {
-            tracing::debug!(
-                sessions = n,
-                documents = docs.len(),
-                "expired silent sessions"
-            );
-        }
-        Ok(docs.len() == EXPIRE_DOCS_PER_ROUND)
-    }
-
-    /// Trims the stream and removes consumers that are gone.
-    async fn housekeeping(&mut self) -> Result<()> {
-        let c = &self.config;
-        if !c.retain.is_zero() {
-            let n = retention::trim(&mut self.apply_con, &c.stream, c.retain).await?;
-            if n > 0 {
-                tracing::debug!(entries = n, "trimmed the events stream");
-            }
-        }
-        if !c.consumer_idle.is_zero() {
-            let gone = retention::remove_idle_consumers(
-                &mut self.apply_con,
-                &c.stream,
-                &c.group,
-                &c.consumer,
-                c.consumer_idle,
-            )
-            .await?;
-            if !gone.is_empty() {
-                tracing::info!(consumers = ?gone, "removed idle consumers with nothing pending");
-            }
-        }
-        Ok(())
-    }
-
-    /// Decodes, applies and acknowledges one batch. Entries delivered before (replayed or
-    /// reclaimed) are checked against `--max-deliveries` first.
-    async fn process(&mut self, entries: Vec<Entry>, redelivered: bool) -> Result<()> {
-        let span = tracing::debug_span!("batch", size = entries.len());
-        let _guard = span.enter();
-        let deliveries = if redelivered {
-            let c = &self.config;
-            let counts = reclaim::delivery_counts(
-                &mut self.apply_con,
-                &c.stream,
-                &c.group,
-                &c.consumer,
-                &entries,
-            );
-            guard(&self.breaker, counts).await?
-        } else {
-            Default::default()
-        };
-        let mut ids = Vec::with_capacity(entries.len());
-        let mut events: Vec<(StreamId, Event)> = Vec::with_capacity(entries.len());
-        let mut raw = Vec::with_capacity(entries.len());
-        let mut dead = Vec::new();
-        for entry in entries {
-            ids.push(entry.id);
-            let Some(fields) = entry.fields else {
-                self.stats.trimmed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let delivered = deliveries.get(&entry.id).copied().unwrap_or(1);
-            if delivered > self.config.max_deliveries {
-                dead.push(DeadLetter {
-                    id: entry.id,
-                    fields,
-                    reason: format!("too many deliveries ({delivered})"),
-                });
-                continue;
-            }
-            match decode_entry(entry.id, &fields, &self.config.limits) {
-                Ok(ev) => {
-                    events.push((entry.id, ev));
-                    raw.push(fields);
-                }
-                Err(e) => dead.push(DeadLetter {
-                    id: entry.id,
-                    fields,
-                    reason: reason(&e),
-                }),
-            }
-        }
-        let docs = coalesce(&events);
-        let outcomes = self.apply(&docs, &events, &mut raw, &mut dead).await?;
-        self.count(&docs, &events, &outcomes, dead.len());
-        let (acker, con, breaker) = (&self.acker, &self.apply_con, &self.breaker);
-        let shutdown = self.shutdown.clone();
-        retry::until_done("acknowledge", &shutdown, self.config.drain_timeout, || {
-            let mut con = con.clone();
-            let (dead, ids) = (&dead, &ids);
-            async move { guard(breaker, acker.finish(&mut con, dead, ids)).await }
-        })
-        .await?;
-        Ok(())
-    }
-
-    /// Applies every document; a document Redis refuses for good is dead-lettered instead.
-    async fn apply(
-        &mut self,
-        docs: &[DocUpdate],
-        events: &[(StreamId, Event)],
-        raw: &mut [Fields],
-        dead: &mut Vec<DeadLetter>,
-    ) -> Result<Vec<Vec<Outcome>>> {
-        let shutdown = self.shutdown.clone();
-        let (applier, con, breaker) = (&self.applier, &self.apply_con, &self.breaker);
-        let all = retry::until_done("apply", &shutdown, self.config.drain_timeout, || {
-            let mut con = con.clone();
-            async move { guard(breaker, applier.apply(&mut con, docs)).await }
-        })
-        .await;
-        match all {
-            Ok(o) => return Ok(o),
-            Err(e) if e.is_transient() => return Err(e),
-            Err(e) => tracing::warn!(error = %e, "batch refused, applying document by document"),
-        }
-        // Isolate the documents Redis refuses (say, a key of the wrong type written by someone
-        // else) so that the rest of the batch still applies.
-        let mut out = Vec::with_capacity(docs.len());
-        for d in docs {
-            let one = std::slice::from_ref(d);
-            let r = retry::until_done("apply", &shutdown, self.config.drain_timeout, || {
-                let mut con = con.clone();
-                async move { guard(breaker, applier.apply(&mut con, one)).await }
-            })
-            .await;
-            match r {
-                Ok(mut o) => out.push(o.pop().unwrap_or_default()),
-                Err(e) if e.is_transient() => return Err(e),
-                Err(e) => {
-                    for s in &d.sessions {
-                        for &i in &s.events {
-                            dead.push(DeadLetter {
-                                id: events[i].0,
-                                fields: std::mem::take(&mut raw[i]),
-                                reason: format!("cannot apply: {e}"),
-                            });
-                        }
-                    }
-                    out.push(Vec::new());
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    fn count(
-        &self,
-        docs: &[DocUpdate],
-        events: &[(StreamId, Event)],
-        outcomes: &[Vec<Outcome>],
-        dead: usize,
-    ) {
-        let (mut applied, mut dup, mut stale) = (0, 0, 0);
-        for (d, o) in docs.iter().zip(outcomes) {
-            for (s, &winner) in d.sessions.iter().zip(o) {
-                for &i in &s.events {
-                    let (sid, ev) = &events[i];
-                    let outcome = if *sid == s.version.sid {
-                        winner
-                    } else if ev.id == s.event_id {
-                        Outcome::Duplicate
-                    } else if winner != Outcome::Applied || *sid > s.version.sid {
-                        // Older than what Redis holds, or arrived after the winner yet lost to
-                        // it on `seq`: stale either way.
-                        Outcome::Stale
-                    } else {
-                        // Superseded within the batch: applied, then overwritten, in order.
-                        Outcome::Applied
-                    };
-                    match outcome {
-                        Outcome::Applied => applied += 1,
-                        Outcome::Duplicate => dup += 1,
-                        Outcome::Stale => stale += 1,
-                    }
-                }
-            }
-        }
-        let s = &self.stats;
-        s.batches.fetch_add(1, Ordering::Relaxed);
-        s.applied.fetch_add(applied, Ordering::Relaxed);
-        s.duplicate.fetch_add(dup, Ordering::Relaxed);
-        s.stale.fetch_add(stale, Ordering::Relaxed);
-        s.dead_lettered.fetch_add(dead as u64, Ordering::Relaxed);
-        tracing::debug!(
-            applied,
-            duplicate = dup,
-            stale,
-            dead_lettered = dead,
-            "batch done"
-        );
-    }
-}
-
-/// The dead-letter reason for a decode error: its text without the "invalid event: " prefix.
-fn reason(e: &Error) -> String {
-    match e {
-        Error::InvalidEvent(r) => r.clone(),
-        other => other.to_string(),
     }
 }

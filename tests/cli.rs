@@ -15,6 +15,7 @@ fn cli(server: &RedisServer, args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
         .env("REDIS_URL", server.url())
+        .env("PRESENCE_HTTP_ADDR", "127.0.0.1:0")
         .env_remove("RUST_LOG")
         .output()
         .expect("run presence-worker")
@@ -25,6 +26,7 @@ fn spawn_run(server: &RedisServer, consumer: &str, extra: &[&str]) -> Child {
         .args(["run", "--consumer", consumer, "--block", "100ms"])
         .args(extra)
         .env("REDIS_URL", server.url())
+        .env("PRESENCE_HTTP_ADDR", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -111,6 +113,7 @@ async fn run_exits_zero_on_sigint_and_reads_its_flags_from_the_environment() {
     let mut run = Command::new(BIN)
         .arg("run")
         .env("REDIS_URL", server.url())
+        .env("PRESENCE_HTTP_ADDR", "127.0.0.1:0")
         .env("PRESENCE_STREAM", "other:events")
         .env("PRESENCE_GROUP", "g2")
         .env("PRESENCE_CONSUMER", "from-env")
@@ -122,6 +125,7 @@ async fn run_exits_zero_on_sigint_and_reads_its_flags_from_the_environment() {
     let out = Command::new(BIN)
         .args(["publish", "join", "--doc", "d", "--user", "u"])
         .env("REDIS_URL", server.url())
+        .env("PRESENCE_HTTP_ADDR", "127.0.0.1:0")
         .env("PRESENCE_STREAM", "other:events")
         .output()
         .unwrap();
@@ -323,7 +327,10 @@ async fn sigterm_finishes_the_batch_in_hand_and_a_second_signal_exits_at_once() 
     signal(&run, "-TERM");
     let status = wait_exit(&mut run, Duration::from_secs(5));
     assert!(status.success(), "exit 0 on SIGTERM: {status:?}");
-    assert!(asked.elapsed() < Duration::from_secs(3), "within the drain timeout");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "within the drain timeout"
+    );
     let (pending, lag) = common::group_pending_lag(&mut con, STREAM, "presence").await;
     assert_eq!(pending, 0, "the batch in hand was acknowledged");
     assert!(lag > 0, "it stopped reading before the end of the backlog");

@@ -166,6 +166,7 @@ fn spawn_replica(server: &RedisServer, name: &str) -> Child {
             "1s",
         ])
         .env("REDIS_URL", server.url())
+        .env("PRESENCE_HTTP_ADDR", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -9,6 +9,7 @@
 --   KEYS[5] ended     ZSET   "<user>\31<session>" -> server ms it ended         (internal)
 --   KEYS[6] alive     ZSET   "<user>\31<session>" -> server ms of last refresh  (internal, expiry)
 --   KEYS[7] expiry    ZSET   document -> server ms its first session is due to expire (global)
+--   KEYS[8] stats     HASH   live_sessions, present_users over all documents (global)
 -- ARGV[1] history_ms, ARGV[2] ttl_ms (0: sessions never expire), ARGV[3] document id.
 --
 -- A session record is a MessagePack map: l (1 live, 0 ended), q (seq of the deciding event as a
@@ -45,8 +46,12 @@ end
 -- A session became live (or was refreshed while live).
 local function session_live(field, user, was_live)
   if not was_live then
-    if redis.call('HINCRBY', KEYS[4], user, 1) == 1 then redis.call('SADD', KEYS[1], user) end
+    if redis.call('HINCRBY', KEYS[4], user, 1) == 1 then
+      redis.call('SADD', KEYS[1], user)
+      redis.call('HINCRBY', KEYS[8], 'present_users', 1)
+    end
     redis.call('ZREM', KEYS[5], field)
+    redis.call('HINCRBY', KEYS[8], 'live_sessions', 1)
   end
   if ttl > 0 then redis.call('ZADD', KEYS[6], now, field) end
 end
@@ -57,7 +62,9 @@ local function session_ended(field, user, was_live)
     if redis.call('HINCRBY', KEYS[4], user, -1) <= 0 then
       redis.call('HDEL', KEYS[4], user)
       redis.call('SREM', KEYS[1], user)
+      redis.call('HINCRBY', KEYS[8], 'present_users', -1)
     end
+    redis.call('HINCRBY', KEYS[8], 'live_sessions', -1)
     if ttl > 0 then redis.call('ZREM', KEYS[6], field) end
   end
   redis.call('ZADD', KEYS[5], now, field)

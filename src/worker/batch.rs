@@ -1,0 +1,225 @@
+//! One batch: decode, coalesce, apply, acknowledge; and what each event's outcome was.
+
+use std::sync::atomic::Ordering;
+
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::Worker;
+use crate::ack::DeadLetter;
+use crate::apply::Outcome;
+use crate::breaker::guard;
+use crate::coalesce::{coalesce, DocUpdate};
+use crate::error::{Error, Result};
+use crate::event::{decode_entry, Event, EventType};
+use crate::read::{Entry, Fields};
+use crate::stream_id::StreamId;
+use crate::{metrics, reclaim, retry};
+
+impl Worker {
+    /// Decodes, applies and acknowledges one batch. Entries delivered before (replayed or
+    /// reclaimed) are checked against `--max-deliveries` first.
+    pub(super) async fn process(&mut self, entries: Vec<Entry>, redelivered: bool) -> Result<()> {
+        let span = tracing::info_span!("batch", size = entries.len(), redelivered);
+        self.process_in_span(entries, redelivered)
+            .instrument(span)
+            .await
+    }
+
+    async fn process_in_span(&mut self, entries: Vec<Entry>, redelivered: bool) -> Result<()> {
+        let size = entries.len();
+        let deliveries = if redelivered {
+            let c = &self.config;
+            let counts = reclaim::delivery_counts(
+                &mut self.apply_con,
+                &c.stream,
+                &c.group,
+                &c.consumer,
+                &entries,
+            );
+            guard(&self.breaker, counts).await?
+        } else {
+            Default::default()
+        };
+        let mut ids = Vec::with_capacity(entries.len());
+        let mut events: Vec<(StreamId, Event)> = Vec::with_capacity(entries.len());
+        let mut raw = Vec::with_capacity(entries.len());
+        let mut dead = Vec::new();
+        for entry in entries {
+            ids.push(entry.id);
+            let Some(fields) = entry.fields else {
+                self.stats.trimmed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let delivered = deliveries.get(&entry.id).copied().unwrap_or(1);
+            if delivered > self.config.max_deliveries {
+                dead.push(DeadLetter {
+                    id: entry.id,
+                    fields,
+                    reason: format!("too many deliveries ({delivered})"),
+                    class: "too_many_deliveries",
+                });
+                continue;
+            }
+            match decode_entry(entry.id, &fields, &self.config.limits) {
+                Ok(ev) => {
+                    events.push((entry.id, ev));
+                    raw.push(fields);
+                }
+                Err(e) => dead.push(DeadLetter {
+                    id: entry.id,
+                    fields,
+                    reason: reason(&e),
+                    class: "invalid",
+                }),
+            }
+        }
+        let docs = coalesce(&events);
+        let started = Instant::now();
+        let outcomes = self.apply(&docs, &events, &mut raw, &mut dead).await?;
+        metrics::batch(size, started.elapsed());
+        let now_ms = crate::ids::now_ms().max(0) as u64;
+        for (sid, _) in &events {
+            metrics::end_to_end_delay(sid.ms, now_ms);
+        }
+        self.count(&docs, &events, &outcomes, &dead);
+        let (acker, con, breaker) = (&self.acker, &self.apply_con, &self.breaker);
+        let shutdown = self.shutdown.clone();
+        retry::until_done("acknowledge", &shutdown, self.config.drain_timeout, || {
+            let mut con = con.clone();
+            let (dead, ids) = (&dead, &ids);
+            async move { guard(breaker, acker.finish(&mut con, dead, ids)).await }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Applies every document; a document Redis refuses for good is dead-lettered instead.
+    async fn apply(
+        &mut self,
+        docs: &[DocUpdate],
+        events: &[(StreamId, Event)],
+        raw: &mut [Fields],
+        dead: &mut Vec<DeadLetter>,
+    ) -> Result<Vec<Vec<Outcome>>> {
+        let shutdown = self.shutdown.clone();
+        let (applier, con, breaker) = (&self.applier, &self.apply_con, &self.breaker);
+        let all = retry::until_done("apply", &shutdown, self.config.drain_timeout, || {
+            let mut con = con.clone();
+            async move { guard(breaker, applier.apply(&mut con, docs)).await }
+        })
+        .await;
+        match all {
+            Ok(o) => return Ok(o),
+            Err(e) if e.is_transient() => return Err(e),
+            Err(e) => tracing::warn!(error = %e, "batch refused, applying document by document"),
+        }
+        // Isolate the documents Redis refuses (say, a key of the wrong type written by someone
+        // else) so that the rest of the batch still applies.
+        let mut out = Vec::with_capacity(docs.len());
+        for d in docs {
+            let one = std::slice::from_ref(d);
+            let r = retry::until_done("apply", &shutdown, self.config.drain_timeout, || {
+                let mut con = con.clone();
+                async move { guard(breaker, applier.apply(&mut con, one)).await }
+            })
+            .await;
+            match r {
+                Ok(mut o) => out.push(o.pop().unwrap_or_default()),
+                Err(e) if e.is_transient() => return Err(e),
+                Err(e) => {
+                    for s in &d.sessions {
+                        for &i in &s.events {
+                            dead.push(DeadLetter {
+                                id: events[i].0,
+                                fields: std::mem::take(&mut raw[i]),
+                                reason: format!("cannot apply: {e}"),
+                                class: "cannot_apply",
+                            });
+                        }
+                    }
+                    out.push(Vec::new());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn count(
+        &self,
+        docs: &[DocUpdate],
+        events: &[(StreamId, Event)],
+        outcomes: &[Vec<Outcome>],
+        dead: &[DeadLetter],
+    ) {
+        let (mut applied, mut dup, mut stale) = (0, 0, 0);
+        // Per event type (join, leave, heartbeat) and outcome (applied, duplicate, stale).
+        let mut by_kind = [[0u64; 3]; 3];
+        for (d, o) in docs.iter().zip(outcomes) {
+            for (s, &winner) in d.sessions.iter().zip(o) {
+                for &i in &s.events {
+                    let (sid, ev) = &events[i];
+                    let outcome = if *sid == s.version.sid {
+                        winner
+                    } else if ev.id == s.event_id {
+                        Outcome::Duplicate
+                    } else if winner != Outcome::Applied || *sid > s.version.sid {
+                        // Older than what Redis holds, or arrived after the winner yet lost to
+                        // it on `seq`: stale either way.
+                        Outcome::Stale
+                    } else {
+                        // Superseded within the batch: applied, then overwritten, in order.
+                        Outcome::Applied
+                    };
+                    let o = match outcome {
+                        Outcome::Applied => {
+                            applied += 1;
+                            0
+                        }
+                        Outcome::Duplicate => {
+                            dup += 1;
+                            1
+                        }
+                        Outcome::Stale => {
+                            stale += 1;
+                            2
+                        }
+                    };
+                    by_kind[ev.kind as usize][o] += 1;
+                }
+            }
+        }
+        let s = &self.stats;
+        s.batches.fetch_add(1, Ordering::Relaxed);
+        s.applied.fetch_add(applied, Ordering::Relaxed);
+        s.duplicate.fetch_add(dup, Ordering::Relaxed);
+        s.stale.fetch_add(stale, Ordering::Relaxed);
+        s.dead_lettered
+            .fetch_add(dead.len() as u64, Ordering::Relaxed);
+        for (k, kind) in EventType::ALL.iter().enumerate() {
+            for (o, outcome) in ["applied", "duplicate", "stale"].into_iter().enumerate() {
+                metrics::events(kind.as_str(), outcome, by_kind[k][o]);
+            }
+        }
+        for class in ["invalid", "too_many_deliveries", "cannot_apply"] {
+            let n = dead.iter().filter(|d| d.class == class).count() as u64;
+            metrics::dead_letters(class, n);
+            metrics::events("unknown", "dead_lettered", n);
+        }
+        tracing::debug!(
+            applied,
+            duplicate = dup,
+            stale,
+            dead_lettered = dead.len(),
+            "batch done"
+        );
+    }
+}
+
+/// The dead-letter reason for a decode error: its text without the "invalid event: " prefix.
+fn reason(e: &Error) -> String {
+    match e {
+        Error::InvalidEvent(r) => r.clone(),
+        other => other.to_string(),
+    }
+}

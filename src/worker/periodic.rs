@@ -1,0 +1,163 @@
+//! Between batches: reclaim, expiry of silent sessions, housekeeping, metric sampling.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::{Worker, EXPIRE_DOCS_PER_ROUND, HOUSEKEEPING_EVERY, SAMPLE_EVERY};
+use crate::breaker::guard;
+use crate::error::Result;
+use crate::stream_id::StreamId;
+use crate::{metrics, reclaim, retention};
+
+impl Worker {
+    /// The tasks that run between batches: reclaim, expiry, housekeeping. Their failures are
+    /// logged and retried at their next turn; they never stop the worker.
+    pub(super) async fn periodic(&mut self) {
+        let now = Instant::now();
+        let c = &self.config;
+        if !c.claim_idle.is_zero() && now >= self.next_reclaim {
+            self.next_reclaim = now + (c.claim_idle / 2).max(Duration::from_millis(100));
+            if let Err(e) = self.reclaim().await {
+                tracing::warn!(error = %e, "reclaim failed");
+            }
+        }
+        if !self.config.session_ttl.is_zero() && self.caught_up && now >= self.next_expire {
+            let every = (self.config.session_ttl / 4)
+                .clamp(Duration::from_millis(250), Duration::from_secs(5));
+            self.next_expire = now + every;
+            let breaker = self.breaker.clone();
+            match guard(&breaker, self.expire()).await {
+                Ok(true) => self.next_expire = now, // more are due: go on at the next turn
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "expiry failed"),
+            }
+        }
+        if now >= self.next_sample {
+            self.next_sample = now + SAMPLE_EVERY;
+            let breaker = self.breaker.clone();
+            if let Err(e) = guard(&breaker, self.sample()).await {
+                tracing::debug!(error = %e, "sampling failed");
+            }
+        }
+        if now >= self.next_housekeeping {
+            self.next_housekeeping = now + HOUSEKEEPING_EVERY;
+            let breaker = self.breaker.clone();
+            if let Err(e) = guard(&breaker, self.housekeeping()).await {
+                tracing::warn!(error = %e, "housekeeping failed");
+            }
+        }
+    }
+
+    /// Takes over entries other consumers left pending longer than `--claim-idle`.
+    async fn reclaim(&mut self) -> Result<()> {
+        let mut cursor = StreamId::default();
+        for _ in 0..16 {
+            let c = &self.config;
+            let claim = reclaim::autoclaim(
+                &mut self.apply_con,
+                &c.stream,
+                &c.group,
+                &c.consumer,
+                c.claim_idle,
+                cursor,
+                c.batch,
+            );
+            // Guarded call by call: `process` below guards its own calls.
+            let claimed = guard(&self.breaker, claim).await?;
+            self.stats
+                .trimmed
+                .fetch_add(claimed.deleted as u64, Ordering::Relaxed);
+            metrics::reclaimed(claimed.entries.len() as u64, claimed.deleted as u64);
+            if !claimed.entries.is_empty() {
+                tracing::info!(
+                    entries = claimed.entries.len(),
+                    "reclaimed idle pending entries"
+                );
+                self.stats
+                    .reclaimed
+                    .fetch_add(claimed.entries.len() as u64, Ordering::Relaxed);
+                self.process(claimed.entries, true).await?;
+            }
+            if claimed.next == StreamId::default() {
+                break;
+            }
+            cursor = claimed.next;
+        }
+        Ok(())
+    }
+
+    /// Expires the silent sessions of documents that are due; true when more may be due.
+    async fn expire(&mut self) -> Result<bool> {
+        let lease =
+            (self.config.session_ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        let docs = self
+            .applier
+            .claim_due(
+                &mut self.apply_con,
+                lease.as_millis() as u64,
+                EXPIRE_DOCS_PER_ROUND,
+            )
+            .await?;
+        if docs.is_empty() {
+            return Ok(false);
+        }
+        let n = self.applier.expire(&mut self.apply_con, &docs).await?;
+        self.stats.expired.fetch_add(n, Ordering::Relaxed);
+        metrics::sessions_expired(n);
+        if n > 0 {
+            tracing::debug!(
+                sessions = n,
+                documents = docs.len(),
+                "expired silent sessions"
+            );
+        }
+        Ok(docs.len() == EXPIRE_DOCS_PER_ROUND)
+    }
+
+    /// Trims the stream and removes consumers that are gone.
+    async fn housekeeping(&mut self) -> Result<()> {
+        let c = &self.config;
+        if !c.retain.is_zero() {
+            let n = retention::trim(&mut self.apply_con, &c.stream, c.retain).await?;
+            if n > 0 {
+                tracing::debug!(entries = n, "trimmed the events stream");
+            }
+        }
+        if !c.consumer_idle.is_zero() {
+            let gone = retention::remove_idle_consumers(
+                &mut self.apply_con,
+                &c.stream,
+                &c.group,
+                &c.consumer,
+                c.consumer_idle,
+            )
+            .await?;
+            if !gone.is_empty() {
+                tracing::info!(consumers = ?gone, "removed idle consumers with nothing pending");
+            }
+        }
+        Ok(())
+    }
+
+    /// Samples the gauges: lag and pending of every group on the stream, stream lengths, and the
+    /// totals of live sessions and present users.
+    async fn sample(&mut self) -> Result<()> {
+        let c = &self.config;
+        let groups = retention::groups(&mut self.apply_con, &c.stream).await?;
+        for g in &groups {
+            metrics::group(&g.name, g.lag, g.pending);
+        }
+        let stats_key = crate::keys::Keys::new(&c.prefix).stats();
+        let (len, dead, live, present): (u64, u64, Option<i64>, Option<i64>) = redis::pipe()
+            .xlen(&c.stream)
+            .xlen(&c.dead_letter_stream)
+            .hget(&stats_key, "live_sessions")
+            .hget(&stats_key, "present_users")
+            .query_async(&mut self.apply_con)
+            .await?;
+        metrics::sampled(len, dead, live.unwrap_or(0), present.unwrap_or(0));
+        Ok(())
+    }
+}
