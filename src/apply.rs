@@ -6,7 +6,7 @@ use redis::Script;
 
 use crate::coalesce::{DocUpdate, Version};
 use crate::error::{Error, Result};
-use crate::keys::Keys;
+use crate::keys::{GlobalKeys, Keys};
 
 /// The script that applies one document's updates (see the headers of the two files).
 const APPLY_LUA: &str = concat!(
@@ -47,8 +47,7 @@ pub struct Applier {
     expire: Script,
     claim_due: Script,
     keys: Keys,
-    expiry_index: String,
-    stats: String,
+    globals: GlobalKeys,
     history_ms: u64,
     ttl_ms: u64,
 }
@@ -61,8 +60,7 @@ impl Applier {
             script: Script::new(APPLY_LUA),
             expire: Script::new(EXPIRE_LUA),
             claim_due: Script::new(CLAIM_DUE_LUA),
-            expiry_index: keys.expiry_index(),
-            stats: keys.stats(),
+            globals: keys.globals(),
             keys,
             history_ms,
             ttl_ms,
@@ -76,7 +74,7 @@ impl Applier {
         lease_ms: u64,
         max: usize,
     ) -> Result<Vec<String>> {
-        let mut inv = self.claim_due.key(&self.expiry_index);
+        let mut inv = self.claim_due.key(&self.globals.expiry);
         inv.arg(lease_ms).arg(max);
         Ok(inv.invoke_async(con).await?)
     }
@@ -107,7 +105,7 @@ impl Applier {
     fn doc_invocation<'s>(&self, script: &'s Script, doc: &str) -> redis::ScriptInvocation<'s> {
         let k = self.keys.doc(doc);
         let mut inv = script.prepare_invoke();
-        for key in k.script_keys(&self.expiry_index, &self.stats) {
+        for key in k.script_keys(&self.globals) {
             inv.key(key);
         }
         inv.arg(self.history_ms).arg(self.ttl_ms).arg(doc);

@@ -92,6 +92,37 @@ pub enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// Show groups, consumers, lag, pending, dead letters, stream length, oldest pending age.
+    Status {
+        /// Dead-letter stream.
+        #[arg(
+            long,
+            env = "PRESENCE_DEAD_LETTER_STREAM",
+            default_value = "sessions:events:dead"
+        )]
+        dead_letter_stream: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the documents with the most users present.
+    Top {
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        n: usize,
+    },
+    /// Check every document's users, count and indexes against its sessions (dry run by default).
+    Repair {
+        /// Rebuild what is inconsistent.
+        #[arg(long)]
+        fix: bool,
+        /// The workers' --history.
+        #[arg(long, env = "PRESENCE_HISTORY", default_value = "10m", value_parser = duration)]
+        history: Duration,
+        /// The workers' --session-ttl.
+        #[arg(long, env = "PRESENCE_SESSION_TTL", default_value = "90s", value_parser = duration)]
+        session_ttl: Duration,
+    },
     /// Run a worker beside a demo producer and show presence changing (starts a local Redis when
     /// none is reachable at a loopback URL).
     Demo(crate::demo::DemoArgs),
@@ -264,6 +295,56 @@ fn parse_meta_pair(s: &str) -> std::result::Result<(String, String), String> {
         .ok_or_else(|| format!("expected key=value, got {s:?}"))
 }
 
+async fn connect(common: &Common) -> Result<redis::aio::ConnectionManager> {
+    let client = crate::connection::client(&common.redis_url)?;
+    crate::connection::manager(&client, Duration::from_secs(5)).await
+}
+
+fn to_json(v: &impl serde::Serialize) -> Result<String> {
+    serde_json::to_string_pretty(v).map_err(|e| Error::Protocol(e.to_string()))
+}
+
+fn render_status(st: &crate::ops::Status) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "stream {}  length {}  dead letters {}",
+        st.stream, st.stream_length, st.dead_letters
+    );
+    let _ = writeln!(
+        s,
+        "live sessions {}  present users {}",
+        st.live_sessions, st.present_users
+    );
+    let _ = writeln!(
+        s,
+        "\n{:<20} {:>10} {:>10} {:>14}  last delivered",
+        "group", "lag", "pending", "oldest pending"
+    );
+    for g in &st.groups {
+        let lag = g.lag.map_or("?".to_owned(), |l| l.to_string());
+        let age = g
+            .oldest_pending_age_ms
+            .map_or("-".to_owned(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+        let _ = writeln!(
+            s,
+            "{:<20} {lag:>10} {:>10} {age:>14}  {}",
+            g.name, g.pending, g.last_delivered
+        );
+        for c in &g.consumers {
+            let _ = writeln!(
+                s,
+                "  consumer {:<30} pending {:>8}  idle {:.1}s",
+                c.name,
+                c.pending,
+                c.idle_ms as f64 / 1000.0
+            );
+        }
+    }
+    s
+}
+
 /// Runs the parsed command line.
 pub async fn execute(cli: Cli) -> Result<()> {
     let common = &cli.common;
@@ -332,6 +413,58 @@ pub async fn execute(cli: Cli) -> Result<()> {
                     println!("replayed {n} dead letter(s)");
                 }
             }
+            Ok(())
+        }
+        Command::Status {
+            dead_letter_stream,
+            json,
+        } => {
+            let mut con = connect(common).await?;
+            let keys = Keys::new(&common.prefix);
+            let st =
+                crate::ops::status(&mut con, &keys, &common.stream, &dead_letter_stream).await?;
+            if json {
+                println!("{}", to_json(&st)?);
+            } else {
+                print!("{}", render_status(&st));
+            }
+            Ok(())
+        }
+        Command::Top { n } => {
+            let mut con = connect(common).await?;
+            let rows = crate::ops::top(&mut con, &Keys::new(&common.prefix), n).await?;
+            println!("{:>8}  document", "users");
+            for (doc, users) in rows {
+                println!("{users:>8}  {doc}");
+            }
+            Ok(())
+        }
+        Command::Repair {
+            fix,
+            history,
+            session_ttl,
+        } => {
+            let mut con = connect(common).await?;
+            let keys = Keys::new(&common.prefix);
+            let (h, t) = (history.as_millis() as u64, session_ttl.as_millis() as u64);
+            let report =
+                crate::ops::repair(&mut con, &keys, h, t, fix, crate::ops::print_progress).await?;
+            eprintln!("\rchecked {} documents", report.documents);
+            for (doc, problems) in &report.broken {
+                for p in problems {
+                    println!("{doc}: {p}");
+                }
+            }
+            let verb = if fix {
+                "fixed"
+            } else {
+                "inconsistent (dry run: --fix repairs them)"
+            };
+            println!(
+                "{} of {} documents {verb}",
+                report.broken.len(),
+                report.documents
+            );
             Ok(())
         }
         Command::Demo(args) => crate::demo::run(common, args).await,

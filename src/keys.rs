@@ -29,7 +29,7 @@ pub struct DocKeys {
 impl DocKeys {
     /// The keys in the order the document scripts take them (see `lua/common.lua`), followed by
     /// the global expiry index and stats hash.
-    pub fn script_keys<'a>(&'a self, expiry_index: &'a str, stats: &'a str) -> [&'a str; 8] {
+    pub fn script_keys<'a>(&'a self, globals: &'a GlobalKeys) -> [&'a str; 9] {
         [
             &self.users,
             &self.count,
@@ -37,10 +37,22 @@ impl DocKeys {
             &self.live,
             &self.ended,
             &self.alive,
-            expiry_index,
-            stats,
+            &globals.expiry,
+            &globals.stats,
+            &globals.top,
         ]
     }
+}
+
+/// Keys shared by all documents (outside any document's hash slot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalKeys {
+    /// ZSET document -> server ms its oldest live session is due to expire.
+    pub expiry: String,
+    /// HASH of totals over all documents: `live_sessions`, `present_users`.
+    pub stats: String,
+    /// ZSET document -> number of users present (for `top`).
+    pub top: String,
 }
 
 /// Builds key names under one prefix.
@@ -75,14 +87,27 @@ impl Keys {
         }
     }
 
-    /// HASH of totals over all documents: `live_sessions`, `present_users`.
-    pub fn stats(&self) -> String {
-        format!("{}:stats", self.prefix)
+    /// The keys shared by all documents.
+    pub fn globals(&self) -> GlobalKeys {
+        GlobalKeys {
+            expiry: format!("{}:expiry", self.prefix),
+            stats: format!("{}:stats", self.prefix),
+            top: format!("{}:top", self.prefix),
+        }
     }
 
-    /// ZSET of documents by the server time their first live session is due to expire.
-    pub fn expiry_index(&self) -> String {
-        format!("{}:expiry", self.prefix)
+    /// The pattern that matches every document's sessions hash (for SCAN).
+    pub fn sessions_pattern(&self) -> String {
+        format!("{}:doc:{{*}}:sessions", self.prefix)
+    }
+
+    /// The document id in one of its key names, if `key` is one.
+    pub fn doc_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(":doc:{")?;
+        let end = rest.rfind("}:")?;
+        Some(&rest[..end])
     }
 
     /// The pattern that matches every document's users set (for SCAN).
@@ -116,6 +141,17 @@ mod tests {
     }
 
     #[test]
+    fn doc_of_inverts_the_layout() {
+        let keys = Keys::new("sessions");
+        for d in ["42", "a}:b", "{x}", "sessions:doc:{y}:users", "}"] {
+            assert_eq!(keys.doc_of(&keys.doc(d).sessions), Some(d));
+            assert_eq!(keys.doc_of(&keys.doc(d).users), Some(d));
+        }
+        assert_eq!(keys.doc_of("sessions:events"), None);
+        assert_eq!(keys.doc_of("other:doc:{1}:users"), None);
+    }
+
+    #[test]
     fn crafted_ids_cannot_alias_other_documents() {
         let keys = Keys::new("sessions");
         let docs = [
@@ -134,6 +170,13 @@ mod tests {
             for name in [k.users, k.count, k.sessions, k.live, k.ended, k.alive] {
                 assert!(all.insert(name.clone()), "{name} produced twice");
             }
+        }
+        for g in [
+            keys.globals().expiry,
+            keys.globals().stats,
+            keys.globals().top,
+        ] {
+            assert!(all.insert(g.clone()), "{g} is also a document key");
         }
     }
 }

@@ -14,7 +14,8 @@
 //!
 //! Beside them: [`config`], [`error`], [`keys`] (every key name), [`metrics`] (every metric) and
 //! [`http`] (health and metrics endpoints), [`connection`], [`produce`]
-//! (the producer API), [`inspect`] (reading state back), [`dlq`] (dead letters), [`cli`] and
+//! (the producer API), [`inspect`] (reading state back), [`dlq`] (dead letters), [`ops`]
+//! (status, top, repair), [`cli`] and
 //! [`demo`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -36,6 +37,7 @@ pub mod inspect;
 pub mod keys;
 pub mod limits;
 pub mod metrics;
+pub mod ops;
 pub mod produce;
 pub mod read;
 pub mod reclaim;

@@ -128,7 +128,7 @@ pub async fn remove_idle_consumers(
 }
 
 /// A RESP2 flat array or RESP3 map of name/value pairs, as text.
-fn field_map(v: Value) -> Vec<(String, String)> {
+pub(crate) fn field_map(v: Value) -> Vec<(String, String)> {
     let pairs: Vec<(Value, Value)> = match v {
         Value::Array(items) => {
             let mut it = items.into_iter();

@@ -138,3 +138,128 @@ async fn metrics_health_and_readiness_follow_redis() {
     );
     w.stop().await;
 }
+
+fn bin(server: &RedisServer, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-worker"))
+        .args(args)
+        .env("REDIS_URL", server.url())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+async fn publish_all(server: &RedisServer, events: &[Event]) {
+    let mut p = Producer::connect(&server.url(), "sessions:events")
+        .await
+        .unwrap();
+    p.publish_many(events).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_top_and_repair() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let mut events = Vec::new();
+    for (doc, n) in [("big", 5), ("mid", 3), ("small", 1), ("gone", 2)] {
+        for u in 0..n {
+            events.push(Event::new(EventType::Join, doc, format!("u{u}")));
+        }
+    }
+    for u in 0..2 {
+        events.push(Event::new(EventType::Leave, "gone", format!("u{u}")));
+    }
+    publish_all(&server, &events).await;
+    let _: String = redis::cmd("XADD")
+        .arg("sessions:events")
+        .arg("*")
+        .arg("type")
+        .arg("bad")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let w = RunningWorker::spawn(config(&server, "w1"));
+    wait_drained(&mut con, "sessions:events", "presence").await;
+
+    let (ok, text) = bin(&server, &["status"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("length 14") && text.contains("dead letters 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("live sessions 9") && text.contains("present users 9"),
+        "{text}"
+    );
+    assert!(
+        text.contains("presence") && text.contains("consumer w1"),
+        "{text}"
+    );
+    let (_, json) = bin(&server, &["status", "--json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(json["groups"][0]["name"], "presence");
+    assert_eq!(json["groups"][0]["lag"], 0);
+    assert_eq!(json["groups"][0]["pending"], 0);
+
+    let (_, text) = bin(&server, &["top", "-n", "2"]);
+    let rows: Vec<&str> = text.lines().skip(1).map(str::trim).collect();
+    assert_eq!(rows, ["5  big", "3  mid"]);
+    let (_, text) = bin(&server, &["top"]);
+    assert!(
+        !text.contains("gone"),
+        "an emptied document leaves the index: {text}"
+    );
+
+    // Break "big" in every way a bug or a hand edit could.
+    let _: () = redis::pipe()
+        .srem("sessions:doc:{big}:users", "u0")
+        .sadd("sessions:doc:{big}:users", "ghost")
+        .set("sessions:doc:{big}:count", 42)
+        .hset("sessions:doc:{big}:live", "u1", 7)
+        .zrem("sessions:doc:{big}:alive", "u2\u{1f}u2")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let (ok, text) = bin(&server, &["repair"]);
+    assert!(ok);
+    for needle in [
+        "big: user ghost is in the users set without a live session",
+        "big: user u0 has 1 live session(s) but is not in the users set",
+        "big: count is 42 but the users set has 5",
+        "big: live count of u1 is 7, the sessions say 1",
+        "missing from the expiry index",
+        "1 of 4 documents inconsistent",
+    ] {
+        assert!(
+            text.contains(needle),
+            "repair should report {needle:?}:\n{text}"
+        );
+    }
+    let count: i64 = redis::cmd("GET")
+        .arg("sessions:doc:{big}:count")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(count, 42, "a dry run changes nothing");
+    let (_, text) = bin(&server, &["repair", "--fix"]);
+    assert!(text.contains("1 of 4 documents fixed"), "{text}");
+    let (_, text) = bin(&server, &["repair"]);
+    assert!(text.contains("0 of 4 documents inconsistent"), "{text}");
+    let s = presence_worker::inspect::inspect(
+        &mut con,
+        &presence_worker::keys::Keys::new("sessions"),
+        "big",
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.users, ["u0", "u1", "u2", "u3", "u4"]);
+    assert_eq!(s.count, Some(5));
+    let (_, text) = bin(&server, &["status"]);
+    assert!(
+        text.contains("present users 9"),
+        "stats follow the fix: {text}"
+    );
+    w.stop().await;
+}

@@ -10,6 +10,7 @@
 --   KEYS[6] alive     ZSET   "<user>\31<session>" -> server ms of last refresh  (internal, expiry)
 --   KEYS[7] expiry    ZSET   document -> server ms its first session is due to expire (global)
 --   KEYS[8] stats     HASH   live_sessions, present_users over all documents (global)
+--   KEYS[9] top       ZSET   document -> number of users present, for `top` (global)
 -- ARGV[1] history_ms, ARGV[2] ttl_ms (0: sessions never expire), ARGV[3] document id.
 --
 -- A session record is a MessagePack map: l (1 live, 0 ended), q (seq of the deciding event as a
@@ -76,10 +77,14 @@ local function finish()
   if after == 0 then
     -- Nobody is here: only ordering history remains, and it goes once it is old enough.
     redis.call('DEL', KEYS[2])
+    if before ~= 0 then redis.call('ZREM', KEYS[9], doc) end
     redis.call('PEXPIRE', KEYS[3], history)
     redis.call('PEXPIRE', KEYS[5], history)
   else
-    if after ~= before then redis.call('SET', KEYS[2], after) end
+    if after ~= before then
+      redis.call('SET', KEYS[2], after)
+      redis.call('ZADD', KEYS[9], after, doc)
+    end
     if before == 0 then
       redis.call('PERSIST', KEYS[3])
       redis.call('PERSIST', KEYS[5])

@@ -149,7 +149,7 @@ impl Worker {
         for g in &groups {
             metrics::group(&g.name, g.lag, g.pending);
         }
-        let stats_key = crate::keys::Keys::new(&c.prefix).stats();
+        let stats_key = crate::keys::Keys::new(&c.prefix).globals().stats;
         let (len, dead, live, present): (u64, u64, Option<i64>, Option<i64>) = redis::pipe()
             .xlen(&c.stream)
             .xlen(&c.dead_letter_stream)

@@ -1,0 +1,92 @@
+-- repair.lua: checks one document's derived state against its session records and, with
+-- ARGV[4] = "1", rebuilds it, in one atomic step.
+-- (common.lua is prepended: it documents KEYS, ARGV[1..3] and the session record.)
+--
+-- The session records are the truth. From them follow: the users set (users with a live
+-- session), the count, the per-user live counts, the expiry ZSET (live sessions only), and the
+-- global stats and top index.
+--
+-- Returns the problems found, one readable line each (empty: consistent).
+
+local fix = ARGV[4] == '1'
+local problems = {}
+local function say(msg) problems[#problems + 1] = msg end
+
+local records = redis.call('HGETALL', KEYS[3])
+local want_live = {}      -- user -> live sessions
+local want_alive = {}     -- field -> true for live sessions
+local nlive = 0
+for i = 1, #records, 2 do
+  local field = records[i]
+  local r = cmsgpack.unpack(records[i + 1])
+  if r.l == 1 then
+    local user = string.sub(field, 1, string.find(field, '\31', 1, true) - 1)
+    want_live[user] = (want_live[user] or 0) + 1
+    want_alive[field] = true
+    nlive = nlive + 1
+  end
+end
+
+local users = redis.call('SMEMBERS', KEYS[1])
+local in_set = {}
+for _, u in ipairs(users) do
+  in_set[u] = true
+  if not want_live[u] then say('user ' .. u .. ' is in the users set without a live session') end
+end
+local nwant = 0
+for u, n in pairs(want_live) do
+  nwant = nwant + 1
+  if not in_set[u] then say('user ' .. u .. ' has ' .. n .. ' live session(s) but is not in the users set') end
+end
+local count = redis.call('GET', KEYS[2])
+if (tonumber(count) or 0) ~= #users or (count and #users == 0) then
+  say('count is ' .. tostring(count) .. ' but the users set has ' .. #users)
+end
+local live = redis.call('HGETALL', KEYS[4])
+local had_live = 0
+local seen = {}
+for i = 1, #live, 2 do
+  local u, n = live[i], tonumber(live[i + 1])
+  had_live = had_live + n
+  seen[u] = true
+  if want_live[u] ~= n then
+    say('live count of ' .. u .. ' is ' .. n .. ', the sessions say ' .. (want_live[u] or 0))
+  end
+end
+for u, n in pairs(want_live) do
+  if not seen[u] then say('live count of ' .. u .. ' is missing, the sessions say ' .. n) end
+end
+if ttl > 0 then
+  local alive = redis.call('ZRANGE', KEYS[6], 0, -1)
+  local indexed = {}
+  for _, f in ipairs(alive) do
+    indexed[f] = true
+    if not want_alive[f] then say('session ' .. f .. ' is in the expiry index but not live') end
+  end
+  for f in pairs(want_alive) do
+    if not indexed[f] then say('live session ' .. f .. ' is missing from the expiry index') end
+  end
+end
+
+if fix and #problems > 0 then
+  redis.call('DEL', KEYS[1], KEYS[4])
+  for u, n in pairs(want_live) do
+    redis.call('SADD', KEYS[1], u)
+    redis.call('HSET', KEYS[4], u, n)
+  end
+  if ttl > 0 then
+    for _, f in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do
+      if not want_alive[f] then redis.call('ZREM', KEYS[6], f) end
+    end
+    for f in pairs(want_alive) do redis.call('ZADD', KEYS[6], 'NX', now, f) end
+  end
+  redis.call('HINCRBY', KEYS[8], 'present_users', nwant - #users)
+  redis.call('HINCRBY', KEYS[8], 'live_sessions', nlive - had_live)
+  if nwant > 0 then
+    redis.call('PERSIST', KEYS[3])
+    redis.call('PERSIST', KEYS[5])
+  end
+  before = -1 -- make finish() rewrite the count and the indexes
+  finish()
+end
+return problems

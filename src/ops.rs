@@ -1,0 +1,245 @@
+//! Operator commands: `status` (groups, consumers, lag, pending, dead letters), `top` (busiest
+//! documents, from an index the scripts keep) and `repair` (check every document's derived state
+//! against its session records, and rebuild it).
+
+use std::io::Write as _;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncIter, Script};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::keys::Keys;
+use crate::retention::{groups, GroupInfo};
+use crate::stream_id::StreamId;
+
+/// Checks (and with `fix`, rebuilds) one document (see the header of `lua/repair.lua`).
+const REPAIR_LUA: &str = concat!(
+    include_str!("lua/common.lua"),
+    include_str!("lua/repair.lua")
+);
+
+/// A consumer of a group.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerInfo {
+    /// Its name.
+    pub name: String,
+    /// Entries it holds unacknowledged.
+    pub pending: u64,
+    /// Milliseconds since it last read.
+    pub idle_ms: u64,
+}
+
+/// A group with its consumers.
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupStatus {
+    /// Group name.
+    pub name: String,
+    /// Entries delivered and not acknowledged.
+    pub pending: u64,
+    /// Entries not yet delivered (`None` when Redis cannot tell).
+    pub lag: Option<u64>,
+    /// Last entry delivered to the group.
+    pub last_delivered: String,
+    /// Age of the oldest pending entry, in milliseconds.
+    pub oldest_pending_age_ms: Option<u64>,
+    /// The consumers.
+    pub consumers: Vec<ConsumerInfo>,
+}
+
+/// Everything `presence-worker status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// Events stream.
+    pub stream: String,
+    /// Its length.
+    pub stream_length: u64,
+    /// Entries in the dead-letter stream.
+    pub dead_letters: u64,
+    /// Live sessions over all documents.
+    pub live_sessions: i64,
+    /// Present users over all documents.
+    pub present_users: i64,
+    /// The groups on the stream.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// Reads the status of `stream` and its groups.
+pub async fn status(
+    con: &mut ConnectionManager,
+    keys: &Keys,
+    stream: &str,
+    dead_stream: &str,
+) -> Result<Status> {
+    let stats = keys.globals().stats;
+    let (stream_length, dead_letters, live, present, time): (
+        u64,
+        u64,
+        Option<i64>,
+        Option<i64>,
+        (u64, u64),
+    ) = redis::pipe()
+        .xlen(stream)
+        .xlen(dead_stream)
+        .hget(&stats, "live_sessions")
+        .hget(&stats, "present_users")
+        .cmd("TIME")
+        .query_async(con)
+        .await?;
+    let now_ms = time.0 * 1000 + time.1 / 1000;
+    let mut out = Vec::new();
+    let found = if stream_length > 0 || exists(con, stream).await? {
+        groups(con, stream).await?
+    } else {
+        Vec::new()
+    };
+    for GroupInfo {
+        name,
+        pending,
+        lag,
+        last_delivered,
+    } in found
+    {
+        let summary: redis::Value = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(&name)
+            .query_async(con)
+            .await?;
+        let oldest = match &summary {
+            redis::Value::Array(parts) => match parts.get(1) {
+                Some(redis::Value::BulkString(b)) => StreamId::parse(b),
+                _ => None,
+            },
+            _ => None,
+        };
+        let consumers: Vec<redis::Value> = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream)
+            .arg(&name)
+            .query_async(con)
+            .await?;
+        let consumers = consumers
+            .into_iter()
+            .filter_map(|c| {
+                let f = crate::retention::field_map(c);
+                let get = |k: &str| f.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+                Some(ConsumerInfo {
+                    name: get("name")?,
+                    pending: get("pending")?.parse().ok()?,
+                    idle_ms: get("idle")?.parse().ok()?,
+                })
+            })
+            .collect();
+        out.push(GroupStatus {
+            name,
+            pending,
+            lag,
+            last_delivered: last_delivered.to_string(),
+            oldest_pending_age_ms: oldest.map(|id| now_ms.saturating_sub(id.ms)),
+            consumers,
+        });
+    }
+    Ok(Status {
+        stream: stream.to_owned(),
+        stream_length,
+        dead_letters,
+        live_sessions: live.unwrap_or(0),
+        present_users: present.unwrap_or(0),
+        groups: out,
+    })
+}
+
+async fn exists(con: &mut ConnectionManager, key: &str) -> Result<bool> {
+    Ok(redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<i64>(con)
+        .await?
+        == 1)
+}
+
+/// The `n` documents with the most users present, most first.
+pub async fn top(con: &mut ConnectionManager, keys: &Keys, n: usize) -> Result<Vec<(String, u64)>> {
+    let rows: Vec<(String, f64)> = redis::cmd("ZRANGE")
+        .arg(keys.globals().top)
+        .arg("+inf")
+        .arg("1")
+        .arg("BYSCORE")
+        .arg("REV")
+        .arg("LIMIT")
+        .arg(0)
+        .arg(n)
+        .arg("WITHSCORES")
+        .query_async(con)
+        .await?;
+    Ok(rows.into_iter().map(|(d, c)| (d, c as u64)).collect())
+}
+
+/// What `repair` found.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RepairReport {
+    /// Documents checked.
+    pub documents: u64,
+    /// Documents with problems, and the problems.
+    pub broken: Vec<(String, Vec<String>)>,
+    /// Whether they were fixed.
+    pub fixed: bool,
+}
+
+/// Walks every document (SCAN, never a blocking KEYS), checking each against its session records
+/// and, with `fix`, rebuilding it atomically. `progress` is told the documents done so far.
+pub async fn repair(
+    con: &mut ConnectionManager,
+    keys: &Keys,
+    history_ms: u64,
+    ttl_ms: u64,
+    fix: bool,
+    mut progress: impl FnMut(u64),
+) -> Result<RepairReport> {
+    let mut docs = std::collections::BTreeSet::new();
+    for pattern in [keys.sessions_pattern(), keys.users_pattern()] {
+        let mut scan = redis::cmd("SCAN");
+        scan.cursor_arg(0)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000);
+        let mut iter: AsyncIter<String> = scan.iter_async(con).await?;
+        while let Some(key) = iter.next_item().await {
+            if let Some(doc) = keys.doc_of(&key?) {
+                docs.insert(doc.to_owned());
+            }
+        }
+    }
+    let script = Script::new(REPAIR_LUA);
+    let globals = keys.globals();
+    let mut report = RepairReport {
+        fixed: fix,
+        ..Default::default()
+    };
+    for doc in docs {
+        let k = keys.doc(&doc);
+        let mut inv = script.prepare_invoke();
+        for key in k.script_keys(&globals) {
+            inv.key(key);
+        }
+        inv.arg(history_ms)
+            .arg(ttl_ms)
+            .arg(&doc)
+            .arg(if fix { "1" } else { "0" });
+        let problems: Vec<String> = inv.invoke_async(con).await?;
+        report.documents += 1;
+        progress(report.documents);
+        if !problems.is_empty() {
+            report.broken.push((doc, problems));
+        }
+    }
+    Ok(report)
+}
+
+/// A progress line on stderr, rewritten in place.
+pub fn print_progress(done: u64) {
+    if done.is_multiple_of(100) {
+        eprint!("\rchecked {done} documents");
+        let _ = std::io::stderr().flush();
+    }
+}
