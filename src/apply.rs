@@ -40,9 +40,19 @@ pub enum Outcome {
     Duplicate,
 }
 
+/// What applying one document did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// One outcome per session, in the order of the update's sessions.
+    pub outcomes: Vec<Outcome>,
+    /// The reason of the snapshot request queued (`threshold`, `empty`), or empty.
+    pub snapshot: String,
+}
+
 /// Applies coalesced updates to Redis.
 #[derive(Debug, Clone)]
 pub struct Applier {
+    snapshots: crate::snapshot::SnapshotConfig,
     script: Script,
     expire: Script,
     claim_due: Script,
@@ -56,7 +66,18 @@ impl Applier {
     /// An applier writing under `keys`, keeping ended sessions' history for `history_ms` and
     /// expiring sessions silent for `ttl_ms` (0: never).
     pub fn new(keys: Keys, history_ms: u64, ttl_ms: u64) -> Self {
+        Self::with_snapshots(keys, history_ms, ttl_ms, Default::default())
+    }
+
+    /// [`Applier::new`] with snapshot requests and the change feed configured.
+    pub fn with_snapshots(
+        keys: Keys,
+        history_ms: u64,
+        ttl_ms: u64,
+        snapshots: crate::snapshot::SnapshotConfig,
+    ) -> Self {
         Self {
+            snapshots,
             script: Script::new(APPLY_LUA),
             expire: Script::new(EXPIRE_LUA),
             claim_due: Script::new(CLAIM_DUE_LUA),
@@ -79,9 +100,15 @@ impl Applier {
         Ok(inv.invoke_async(con).await?)
     }
 
-    /// Expires the silent sessions of `docs`; returns how many sessions ended.
-    pub async fn expire(&self, con: &mut ConnectionManager, docs: &[String]) -> Result<u64> {
+    /// Expires the silent sessions of `docs`; returns how many sessions ended, and the documents
+    /// that queued a snapshot request with its reason.
+    pub async fn expire(
+        &self,
+        con: &mut ConnectionManager,
+        docs: &[String],
+    ) -> Result<(u64, Vec<(String, String)>)> {
         let mut total = 0;
+        let mut emitted = Vec::new();
         for chunk in docs.chunks(PIPELINE_DOCS) {
             let mut pipe = redis::pipe();
             for doc in chunk {
@@ -89,16 +116,21 @@ impl Applier {
                 inv.arg(EXPIRE_PER_CALL);
                 pipe.invoke_script(&inv);
             }
-            let counts: Vec<u64> = match pipe.query_async(con).await {
+            let replies: Vec<(u64, String)> = match pipe.query_async(con).await {
                 Err(e) if e.code() == Some("NOSCRIPT") => {
                     self.expire.load_async(con).await?;
                     pipe.query_async(con).await?
                 }
                 r => r?,
             };
-            total += counts.iter().sum::<u64>();
+            for (doc, (n, reason)) in chunk.iter().zip(replies) {
+                total += n;
+                if !reason.is_empty() {
+                    emitted.push((doc.clone(), reason));
+                }
+            }
         }
-        Ok(total)
+        Ok((total, emitted))
     }
 
     /// An invocation of a document script with its KEYS and ARGV[1..3] (see `lua/common.lua`).
@@ -109,17 +141,19 @@ impl Applier {
             inv.key(key);
         }
         inv.arg(self.history_ms).arg(self.ttl_ms).arg(doc);
+        inv.arg(self.snapshots.script_options(&k.presence_channel));
         inv
     }
 
-    /// Applies every document's updates; returns, per document, one outcome per session.
+    /// Applies every document's updates; returns, per document, one outcome per session and the
+    /// reason of the snapshot request it queued (empty for none).
     ///
     /// Safe to call again with the same updates after any failure: the script is idempotent.
     pub async fn apply(
         &self,
         con: &mut ConnectionManager,
         docs: &[DocUpdate],
-    ) -> Result<Vec<Vec<Outcome>>> {
+    ) -> Result<Vec<Applied>> {
         let mut out = Vec::with_capacity(docs.len());
         for chunk in docs.chunks(PIPELINE_DOCS) {
             let replies = match self.apply_chunk(con, chunk).await {
@@ -139,7 +173,7 @@ impl Applier {
         &self,
         con: &mut ConnectionManager,
         chunk: &[DocUpdate],
-    ) -> Result<Vec<Vec<Outcome>>> {
+    ) -> Result<Vec<Applied>> {
         let mut pipe = redis::pipe();
         for d in chunk {
             let mut inv = self.doc_invocation(&self.script, &d.doc);
@@ -162,7 +196,7 @@ impl Applier {
             }
             pipe.invoke_script(&inv);
         }
-        let replies: Vec<Vec<i64>> = pipe.query_async(con).await?;
+        let replies: Vec<(Vec<i64>, String)> = pipe.query_async(con).await?;
         if replies.len() != chunk.len() {
             return Err(Error::Protocol(format!(
                 "{} replies for {} documents",
@@ -172,15 +206,16 @@ impl Applier {
         }
         Ok(replies
             .into_iter()
-            .map(|codes| {
-                codes
+            .map(|(codes, snapshot)| Applied {
+                outcomes: codes
                     .into_iter()
                     .map(|c| match c {
                         0 => Outcome::Applied,
                         2 => Outcome::Duplicate,
                         _ => Outcome::Stale,
                     })
-                    .collect()
+                    .collect(),
+                snapshot,
             })
             .collect())
     }

@@ -67,7 +67,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Consume the stream and maintain presence state until SIGTERM/SIGINT.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Append one event in the MessagePack form.
     Publish(PublishArgs),
     /// Print the users, the count and the sessions of a document.
@@ -122,6 +122,24 @@ pub enum Command {
         /// The workers' --session-ttl.
         #[arg(long, env = "PRESENCE_SESSION_TTL", default_value = "90s", value_parser = duration)]
         session_ttl: Duration,
+    },
+    /// Print snapshot requests (`--follow`: and wait for new ones).
+    Snapshots {
+        /// The snapshot stream.
+        #[arg(
+            long,
+            env = "PRESENCE_SNAPSHOT_STREAM",
+            default_value = "sessions:snapshots"
+        )]
+        snapshot_stream: String,
+        /// Keep waiting for new requests.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Print the membership changes of one document as they happen (needs --publish-changes).
+    Watch {
+        /// Document id.
+        doc: String,
     },
     /// Run a worker beside a demo producer and show presence changing (starts a local Redis when
     /// none is reachable at a loopback URL).
@@ -198,6 +216,32 @@ pub struct RunArgs {
     /// How long the breaker stays open before one probe (jittered up to +20%).
     #[arg(long, env = "PRESENCE_BREAKER_COOLDOWN", default_value = "5s", value_parser = duration)]
     pub breaker_cooldown: Duration,
+    /// Counts that trigger a snapshot request when a document reaches them from below, e.g.
+    /// `10,50,100` (default: none).
+    #[arg(long, env = "PRESENCE_SNAPSHOT_THRESHOLDS", default_value = "", value_parser = crate::snapshot::parse_thresholds)]
+    pub snapshot_thresholds: std::vec::Vec<u64>,
+    /// A threshold re-arms only when the count falls below threshold - hysteresis.
+    #[arg(long, env = "PRESENCE_SNAPSHOT_HYSTERESIS", default_value_t = 0)]
+    pub snapshot_hysteresis: u64,
+    /// Least time between two threshold requests of one document (0: none).
+    #[arg(long, env = "PRESENCE_SNAPSHOT_COOLDOWN", default_value = "0", value_parser = duration)]
+    pub snapshot_cooldown: Duration,
+    /// Also request a snapshot when a document's last user leaves or expires.
+    #[arg(long, env = "PRESENCE_SNAPSHOT_ON_EMPTY")]
+    pub snapshot_on_empty: bool,
+    /// The snapshot stream.
+    #[arg(
+        long,
+        env = "PRESENCE_SNAPSHOT_STREAM",
+        default_value = "sessions:snapshots"
+    )]
+    pub snapshot_stream: String,
+    /// Most users listed in a snapshot request.
+    #[arg(long, env = "PRESENCE_SNAPSHOT_USERS", default_value_t = 100)]
+    pub snapshot_users: usize,
+    /// Publish every membership change on sessions:doc:{<doc>}:presence (SPUBLISH).
+    #[arg(long, env = "PRESENCE_PUBLISH_CHANGES")]
+    pub publish_changes: bool,
     /// Where /metrics, /healthz and /readyz are served (`off`: nowhere).
     #[arg(long, env = "PRESENCE_HTTP_ADDR", default_value = "0.0.0.0:9464", value_parser = http_addr)]
     pub http_addr: HttpAddr,
@@ -247,6 +291,15 @@ impl RunArgs {
         c.retain = self.retain;
         c.drain_timeout = self.drain_timeout;
         c.http_addr = self.http_addr.0;
+        c.snapshots = crate::snapshot::SnapshotConfig {
+            thresholds: self.snapshot_thresholds.clone(),
+            hysteresis: self.snapshot_hysteresis,
+            cooldown: self.snapshot_cooldown,
+            on_empty: self.snapshot_on_empty,
+            stream: self.snapshot_stream.clone(),
+            users_cap: self.snapshot_users,
+            publish_changes: self.publish_changes,
+        };
         c.breaker = crate::breaker::BreakerConfig::default()
             .with_failure_threshold(self.breaker_failures)
             .with_cooldown(self.breaker_cooldown);
@@ -467,6 +520,11 @@ pub async fn execute(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Snapshots {
+            snapshot_stream,
+            follow,
+        } => crate::follow::snapshots(common, &snapshot_stream, follow).await,
+        Command::Watch { doc } => crate::follow::watch(common, &doc).await,
         Command::Demo(args) => crate::demo::run(common, args).await,
     }
 }

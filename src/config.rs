@@ -5,6 +5,7 @@ use std::time::Duration;
 use crate::breaker::BreakerConfig;
 use crate::error::Error;
 use crate::limits::Limits;
+use crate::snapshot::SnapshotConfig;
 
 /// Where a new consumer group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,6 +58,8 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// The circuit breaker guarding every Redis call.
     pub breaker: BreakerConfig,
+    /// Snapshot requests and the change feed.
+    pub snapshots: SnapshotConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: not served).
     pub http_addr: Option<std::net::SocketAddr>,
 }
@@ -85,6 +88,7 @@ impl WorkerConfig {
             drain_timeout: Duration::from_secs(10),
             breaker: BreakerConfig::default(),
             http_addr: None,
+            snapshots: SnapshotConfig::default(),
         }
     }
 

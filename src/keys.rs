@@ -24,12 +24,18 @@ pub struct DocKeys {
     pub ended: String,
     /// ZSET of live sessions by the server time they were last refreshed (internal, expiry).
     pub alive: String,
+    /// HASH of the latest snapshot request and the threshold arming (public).
+    pub snapshot: String,
+    /// LIST of snapshot requests not yet flushed to the snapshot stream (internal).
+    pub outbox: String,
+    /// The sharded Pub/Sub channel of membership changes (public).
+    pub presence_channel: String,
 }
 
 impl DocKeys {
     /// The keys in the order the document scripts take them (see `lua/common.lua`), followed by
     /// the global expiry index and stats hash.
-    pub fn script_keys<'a>(&'a self, globals: &'a GlobalKeys) -> [&'a str; 9] {
+    pub fn script_keys<'a>(&'a self, globals: &'a GlobalKeys) -> [&'a str; 12] {
         [
             &self.users,
             &self.count,
@@ -40,6 +46,9 @@ impl DocKeys {
             &globals.expiry,
             &globals.stats,
             &globals.top,
+            &self.snapshot,
+            &self.outbox,
+            &globals.outboxes,
         ]
     }
 }
@@ -53,6 +62,8 @@ pub struct GlobalKeys {
     pub stats: String,
     /// ZSET document -> number of users present (for `top`).
     pub top: String,
+    /// SET of documents whose snapshot outbox is not empty.
+    pub outboxes: String,
 }
 
 /// Builds key names under one prefix.
@@ -84,6 +95,9 @@ impl Keys {
             live: format!("{base}live"),
             ended: format!("{base}ended"),
             alive: format!("{base}alive"),
+            snapshot: format!("{base}snapshot"),
+            outbox: format!("{base}outbox"),
+            presence_channel: format!("{base}presence"),
         }
     }
 
@@ -93,6 +107,7 @@ impl Keys {
             expiry: format!("{}:expiry", self.prefix),
             stats: format!("{}:stats", self.prefix),
             top: format!("{}:top", self.prefix),
+            outboxes: format!("{}:outboxes", self.prefix),
         }
     }
 
@@ -138,6 +153,8 @@ mod tests {
         assert_eq!(k.live, "sessions:doc:{42}:live");
         assert_eq!(k.ended, "sessions:doc:{42}:ended");
         assert_eq!(k.alive, "sessions:doc:{42}:alive");
+        assert_eq!(k.snapshot, "sessions:doc:{42}:snapshot");
+        assert_eq!(k.presence_channel, "sessions:doc:{42}:presence");
     }
 
     #[test]
@@ -167,7 +184,9 @@ mod tests {
         let mut all = std::collections::HashSet::new();
         for d in docs {
             let k = keys.doc(d);
-            for name in [k.users, k.count, k.sessions, k.live, k.ended, k.alive] {
+            for name in [
+                k.users, k.count, k.sessions, k.live, k.ended, k.alive, k.snapshot, k.outbox,
+            ] {
                 assert!(all.insert(name.clone()), "{name} produced twice");
             }
         }

@@ -7,6 +7,7 @@
 //! - [`event`]: wire format v1, decoding and validation ([`limits`] bounds the input);
 //! - [`coalesce`]: the deciding events per session, grouped by document;
 //! - [`apply`]: one atomic Lua script per document (`lua/apply.lua`), pipelined;
+//! - [`snapshot`]: snapshot requests decided by the scripts, flushed from per-document outboxes;
 //! - [`ack`]: dead letters and `XACK` in one atomic step;
 //! - [`reclaim`]: entries other consumers left pending, and delivery counts;
 //! - [`worker`]: the loop that ties them together, with [`retry`] and [`shutdown`], and between
@@ -15,7 +16,7 @@
 //! Beside them: [`config`], [`error`], [`keys`] (every key name), [`metrics`] (every metric) and
 //! [`http`] (health and metrics endpoints), [`connection`], [`produce`]
 //! (the producer API), [`inspect`] (reading state back), [`dlq`] (dead letters), [`ops`]
-//! (status, top, repair), [`cli`] and
+//! (status, top, repair), [`follow`] (`snapshots`, `watch`), [`cli`] and
 //! [`demo`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -31,6 +32,7 @@ pub mod demo;
 pub mod dlq;
 pub mod error;
 pub mod event;
+pub mod follow;
 pub mod http;
 pub mod ids;
 pub mod inspect;
@@ -45,6 +47,7 @@ pub mod redact;
 pub mod retention;
 pub mod retry;
 pub mod shutdown;
+pub mod snapshot;
 pub mod stream_id;
 pub mod worker;
 

@@ -222,10 +222,11 @@ pub async fn repair(
         for key in k.script_keys(&globals) {
             inv.key(key);
         }
-        inv.arg(history_ms)
-            .arg(ttl_ms)
-            .arg(&doc)
-            .arg(if fix { "1" } else { "0" });
+        // Repairs never emit snapshot requests nor publish changes: default options.
+        let options =
+            crate::snapshot::SnapshotConfig::default().script_options(&k.presence_channel);
+        inv.arg(history_ms).arg(ttl_ms).arg(&doc).arg(options);
+        inv.arg(if fix { "1" } else { "0" });
         let problems: Vec<String> = inv.invoke_async(con).await?;
         report.documents += 1;
         progress(report.documents);

@@ -20,6 +20,7 @@ use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::read::{self, ReadFrom};
 use crate::retry;
+use crate::snapshot::Flusher;
 use crate::stream_id::StreamId;
 use tokio::time::Instant;
 
@@ -46,12 +47,17 @@ pub struct Stats {
     pub breaker_opened: AtomicU64,
     /// Times the circuit breaker closed again.
     pub breaker_closed: AtomicU64,
+    /// Snapshot requests this worker emitted.
+    pub snapshots: AtomicU64,
     /// Where the HTTP listener is bound, once it is.
     pub http_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// How often the stream is trimmed and gone consumers are removed.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
+
+/// How often outboxes left behind by other replicas are flushed.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
 /// How often the gauges (lag, pending, lengths, totals) are sampled.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
@@ -111,12 +117,14 @@ pub async fn run_with_stats(
         let bound = crate::http::serve(addr, health, shutdown.clone()).await?;
         let _ = stats.http_addr.set(bound);
     }
+    let flusher = Flusher::new(Keys::new(&config.prefix), &config.snapshots.stream);
     let mut worker = Worker {
         breaker,
-        applier: Applier::new(
+        applier: Applier::with_snapshots(
             Keys::new(&config.prefix),
             config.history.as_millis() as u64,
             config.session_ttl.as_millis() as u64,
+            config.snapshots.clone(),
         ),
         acker: Acker {
             stream: config.stream.clone(),
@@ -133,6 +141,8 @@ pub async fn run_with_stats(
         next_expire: Instant::now(),
         next_housekeeping: Instant::now(),
         next_sample: Instant::now(),
+        next_flush: Instant::now(),
+        flusher,
     };
     worker.run().await
 }
@@ -154,6 +164,8 @@ struct Worker {
     next_expire: Instant,
     next_housekeeping: Instant,
     next_sample: Instant,
+    next_flush: Instant,
+    flusher: Flusher,
 }
 
 impl Worker {

@@ -179,7 +179,7 @@ async fn concurrent_expiry_of_the_same_documents_ends_each_session_once() {
                     .await
                     .unwrap();
                 let applier = Applier::new(Keys::new("sessions"), 600_000, 1000);
-                applier.expire(&mut con, &docs).await.unwrap()
+                applier.expire(&mut con, &docs).await.unwrap().0
             })
         })
         .collect();

@@ -1,18 +1,19 @@
 -- apply.lua: applies the coalesced events of one document in one atomic step.
 -- (common.lua is prepended: it documents KEYS, ARGV[1..3] and the session record.)
 --
--- ARGV[4] n: number of sessions that follow, 12 arguments each:
+-- ARGV[5] n: number of sessions that follow, 12 arguments each:
 --   field, user,
 --   live kind ("1" live, "0" ended), seq ("" none), sid ms, sid seq, event id,
 --   meta kind ("" none, "1" set, "0" clear), meta seq, meta sid ms, meta sid seq, meta bytes
 --
--- Returns one outcome per session: 0 applied, 1 stale, 2 duplicate (same event id as the winner).
+-- Returns {outcomes, snapshot}: one outcome per session (0 applied, 1 stale, 2 duplicate: same
+-- event id as the winner), and the reason of the snapshot request queued ('' for none).
 
 local N = 12
-local n = tonumber(ARGV[4])
+local n = tonumber(ARGV[5])
 local out = {}
 for k = 0, n - 1 do
-  local a = 5 + k * N
+  local a = 6 + k * N
   local field, user = ARGV[a], ARGV[a + 1]
   local lkind, lseq, lms, lss, lid = ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]
   local mkind, mseq, mms, mss, meta = ARGV[a + 7], ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11]
@@ -38,6 +39,7 @@ for k = 0, n - 1 do
   end
   out[k + 1] = outcome
   if dirty then
+    cause_event, cause_entry = lid, lms .. '-' .. lss
     if r.l == 1 then
       -- A stale event that only brought newer meta does not refresh the session.
       if outcome ~= 1 then session_live(field, user, was_live) end
@@ -47,5 +49,4 @@ for k = 0, n - 1 do
     redis.call('HSET', KEYS[3], field, cmsgpack.pack(r))
   end
 end
-finish()
-return out
+return {out, finish()}

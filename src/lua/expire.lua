@@ -1,15 +1,16 @@
 -- expire.lua: ends the sessions of one document not refreshed within ttl, as if they had left.
 -- (common.lua is prepended: it documents KEYS, ARGV[1..3] and the session record.)
 --
--- ARGV[4] most sessions to expire in this call.
+-- ARGV[5] most sessions to expire in this call.
 -- Uses Redis server time only. Idempotent: a session expires once, whoever runs it; a session
 -- refreshed meanwhile is not touched. Its version is kept, so a newer event makes it live again
 -- and an older redelivered one stays stale.
 --
--- Returns the number of sessions expired.
+-- Returns {sessions expired, snapshot reason ('' for none)}.
 
 local cutoff = now - ttl
-local due = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[4]))
+local due = redis.call('ZRANGEBYSCORE', KEYS[6], '-inf', cutoff, 'LIMIT', 0, tonumber(ARGV[5]))
+left_reason, cause_event, cause_entry = 'expired', 'expiry', ''
 local expired = 0
 for _, field in ipairs(due) do
   local raw = redis.call('HGET', KEYS[3], field)
@@ -24,5 +25,4 @@ for _, field in ipairs(due) do
     redis.call('ZREM', KEYS[6], field)
   end
 end
-finish()
-return expired
+return {expired, finish()}

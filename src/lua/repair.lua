@@ -1,5 +1,5 @@
 -- repair.lua: checks one document's derived state against its session records and, with
--- ARGV[4] = "1", rebuilds it, in one atomic step.
+-- ARGV[5] = "1", rebuilds it, in one atomic step.
 -- (common.lua is prepended: it documents KEYS, ARGV[1..3] and the session record.)
 --
 -- The session records are the truth. From them follow: the users set (users with a live
@@ -8,7 +8,7 @@
 --
 -- Returns the problems found, one readable line each (empty: consistent).
 
-local fix = ARGV[4] == '1'
+local fix = ARGV[5] == '1'
 local problems = {}
 local function say(msg) problems[#problems + 1] = msg end
 

@@ -7,7 +7,7 @@ use tracing::Instrument;
 
 use super::Worker;
 use crate::ack::DeadLetter;
-use crate::apply::Outcome;
+use crate::apply::{Applied, Outcome};
 use crate::breaker::guard;
 use crate::coalesce::{coalesce, DocUpdate};
 use crate::error::{Error, Result};
@@ -83,6 +83,13 @@ impl Worker {
             metrics::end_to_end_delay(sid.ms, now_ms);
         }
         self.count(&docs, &events, &outcomes, &dead);
+        let emitted: Vec<(String, String)> = docs
+            .iter()
+            .zip(&outcomes)
+            .filter(|(_, a)| !a.snapshot.is_empty())
+            .map(|(d, a)| (d.doc.clone(), a.snapshot.clone()))
+            .collect();
+        self.flush_snapshots(&emitted).await;
         let (acker, con, breaker) = (&self.acker, &self.apply_con, &self.breaker);
         let shutdown = self.shutdown.clone();
         retry::until_done("acknowledge", &shutdown, self.config.drain_timeout, || {
@@ -101,7 +108,7 @@ impl Worker {
         events: &[(StreamId, Event)],
         raw: &mut [Fields],
         dead: &mut Vec<DeadLetter>,
-    ) -> Result<Vec<Vec<Outcome>>> {
+    ) -> Result<Vec<Applied>> {
         let shutdown = self.shutdown.clone();
         let (applier, con, breaker) = (&self.applier, &self.apply_con, &self.breaker);
         let all = retry::until_done("apply", &shutdown, self.config.drain_timeout, || {
@@ -138,7 +145,7 @@ impl Worker {
                             });
                         }
                     }
-                    out.push(Vec::new());
+                    out.push(Applied::default());
                 }
             }
         }
@@ -149,14 +156,14 @@ impl Worker {
         &self,
         docs: &[DocUpdate],
         events: &[(StreamId, Event)],
-        outcomes: &[Vec<Outcome>],
+        outcomes: &[Applied],
         dead: &[DeadLetter],
     ) {
         let (mut applied, mut dup, mut stale) = (0, 0, 0);
         // Per event type (join, leave, heartbeat) and outcome (applied, duplicate, stale).
         let mut by_kind = [[0u64; 3]; 3];
         for (d, o) in docs.iter().zip(outcomes) {
-            for (s, &winner) in d.sessions.iter().zip(o) {
+            for (s, &winner) in d.sessions.iter().zip(&o.outcomes) {
                 for &i in &s.events {
                     let (sid, ev) = &events[i];
                     let outcome = if *sid == s.version.sid {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Worker, EXPIRE_DOCS_PER_ROUND, HOUSEKEEPING_EVERY, SAMPLE_EVERY};
+use super::{Worker, EXPIRE_DOCS_PER_ROUND, FLUSH_EVERY, HOUSEKEEPING_EVERY, SAMPLE_EVERY};
 use crate::breaker::guard;
 use crate::error::Result;
 use crate::stream_id::StreamId;
@@ -32,6 +32,17 @@ impl Worker {
                 Ok(true) => self.next_expire = now, // more are due: go on at the next turn
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "expiry failed"),
+            }
+        }
+        if self.config.snapshots.enabled() && now >= self.next_flush {
+            self.next_flush = now + FLUSH_EVERY;
+            let (flusher, breaker) = (self.flusher.clone(), self.breaker.clone());
+            match guard(&breaker, flusher.flush_all(&mut self.apply_con)).await {
+                Ok(n) if n > 0 => {
+                    tracing::info!(requests = n, "flushed snapshot requests left behind")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "flushing snapshot outboxes failed"),
             }
         }
         if now >= self.next_sample {
@@ -103,7 +114,8 @@ impl Worker {
         if docs.is_empty() {
             return Ok(false);
         }
-        let n = self.applier.expire(&mut self.apply_con, &docs).await?;
+        let (n, emitted) = self.applier.expire(&mut self.apply_con, &docs).await?;
+        self.flush_snapshots(&emitted).await;
         self.stats.expired.fetch_add(n, Ordering::Relaxed);
         metrics::sessions_expired(n);
         if n > 0 {
@@ -159,5 +171,23 @@ impl Worker {
             .await?;
         metrics::sampled(len, dead, live.unwrap_or(0), present.unwrap_or(0));
         Ok(())
+    }
+
+    /// Counts the snapshot requests `emitted` (document, reason) and flushes their outboxes. A
+    /// failure only delays them: the periodic flush takes any outbox left behind.
+    pub(super) async fn flush_snapshots(&mut self, emitted: &[(String, String)]) {
+        if emitted.is_empty() {
+            return;
+        }
+        for reason in ["threshold", "empty"] {
+            let n = emitted.iter().filter(|(_, r)| r == reason).count() as u64;
+            metrics::snapshots(reason, n);
+            self.stats.snapshots.fetch_add(n, Ordering::Relaxed);
+        }
+        let docs: Vec<String> = emitted.iter().map(|(d, _)| d.clone()).collect();
+        let (flusher, breaker) = (self.flusher.clone(), self.breaker.clone());
+        if let Err(e) = guard(&breaker, flusher.flush(&mut self.apply_con, &docs)).await {
+            tracing::warn!(error = %e, "flushing snapshot requests failed; they stay queued");
+        }
     }
 }

@@ -1,0 +1,200 @@
+//! Snapshot requests and the presence change feed: their configuration, and the flush of each
+//! document's outbox to the snapshot stream.
+//!
+//! The decision is taken in the same atomic script that changes the count (`lua/common.lua`),
+//! which queues the request in the document's outbox (under its hash tag). The worker flushes
+//! the outboxes of the documents it changed before acknowledging the batch, and every replica
+//! flushes any outbox left behind (by a replica that died in between) at start and every second.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::Script;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::keys::Keys;
+
+/// Moves one document's outbox to the snapshot stream.
+const FLUSH_LUA: &str = include_str!("lua/flush.lua");
+
+/// When snapshot requests are emitted and where they go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotConfig {
+    /// Counts that trigger a request when reached from below (empty: none).
+    pub thresholds: Vec<u64>,
+    /// A threshold re-arms only when the count falls below `threshold - hysteresis`.
+    pub hysteresis: u64,
+    /// Least time between two threshold requests of one document (zero: none).
+    pub cooldown: Duration,
+    /// A request when a document's last user leaves (or expires).
+    pub on_empty: bool,
+    /// The snapshot stream.
+    pub stream: String,
+    /// Most users listed in a request.
+    pub users_cap: usize,
+    /// Publish membership changes on `sessions:doc:{<doc>}:presence` (SPUBLISH).
+    pub publish_changes: bool,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        Self {
+            thresholds: Vec::new(),
+            hysteresis: 0,
+            cooldown: Duration::ZERO,
+            on_empty: false,
+            stream: "sessions:snapshots".into(),
+            users_cap: 100,
+            publish_changes: false,
+        }
+    }
+}
+
+impl SnapshotConfig {
+    /// Whether any request can be emitted at all.
+    pub fn enabled(&self) -> bool {
+        !self.thresholds.is_empty() || self.on_empty
+    }
+
+    /// The options map the document scripts read from ARGV[4] for document `doc`.
+    pub fn script_options(&self, channel: &str) -> Vec<u8> {
+        let mut thresholds = self.thresholds.clone();
+        thresholds.sort_unstable();
+        thresholds.dedup();
+        let opts = ScriptOptions {
+            t: thresholds,
+            h: self.hysteresis,
+            c: self.cooldown.as_millis() as u64,
+            e: u8::from(self.on_empty),
+            u: self.users_cap as u64,
+            p: u8::from(self.publish_changes),
+            ch: channel,
+        };
+        // SAFETY of expect: a struct of numbers and strings always encodes.
+        rmp_serde::to_vec_named(&opts).expect("options encode")
+    }
+}
+
+#[derive(Serialize)]
+struct ScriptOptions<'a> {
+    t: Vec<u64>,
+    h: u64,
+    c: u64,
+    e: u8,
+    u: u64,
+    p: u8,
+    ch: &'a str,
+}
+
+/// Parses `--snapshot-thresholds 10,50,100`.
+pub fn parse_thresholds(s: &str) -> std::result::Result<Vec<u64>, String> {
+    if s.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    s.split(',')
+        .map(|t| match t.trim().parse::<u64>() {
+            Ok(0) => Err("a threshold must be at least 1".to_owned()),
+            Ok(n) => Ok(n),
+            Err(_) => Err(format!("{t:?} is not a whole number")),
+        })
+        .collect()
+}
+
+/// A snapshot request as it appears in the snapshot stream (field `e`, MessagePack map).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRequest {
+    /// Schema version, 1.
+    pub v: u64,
+    /// Stable for one crossing: the same on every re-delivery of the request.
+    pub snapshot_id: String,
+    /// Document id.
+    pub doc: String,
+    /// `threshold` or `empty`.
+    pub reason: String,
+    /// The threshold crossed (0 for `empty`).
+    pub threshold: u64,
+    /// The count after the step that crossed.
+    pub count: u64,
+    /// Users present (at most the configured cap), sorted.
+    pub users: Vec<String>,
+    /// What crossed.
+    pub cause: Cause,
+    /// Redis server time of the decision, ms.
+    pub at: u64,
+}
+
+/// The event behind a snapshot request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cause {
+    /// Event id (`expiry` when sessions expired).
+    pub event_id: String,
+    /// Stream entry id (empty for expiry).
+    pub entry_id: String,
+}
+
+/// A membership change as published on the change feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceChange {
+    /// Schema version, 1.
+    pub v: u64,
+    /// Document id.
+    pub doc: String,
+    /// User id.
+    pub user: String,
+    /// `joined` or `left`.
+    pub change: String,
+    /// The document's count right after this change.
+    pub count: u64,
+    /// For `left`: `leave` or `expired`.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Redis server time, ms.
+    pub at: u64,
+}
+
+/// Decodes a request from the stream field `e`.
+pub fn decode_request(bytes: &[u8]) -> Result<SnapshotRequest> {
+    rmp_serde::from_slice(bytes).map_err(|e| Error::Protocol(format!("snapshot request: {e}")))
+}
+
+/// Flushes document outboxes to the snapshot stream.
+#[derive(Debug, Clone)]
+pub struct Flusher {
+    script: Script,
+    keys: Keys,
+    stream: String,
+}
+
+impl Flusher {
+    /// A flusher for documents under `keys`, writing to `stream`.
+    pub fn new(keys: Keys, stream: impl Into<String>) -> Self {
+        Self {
+            script: Script::new(FLUSH_LUA),
+            keys,
+            stream: stream.into(),
+        }
+    }
+
+    /// Flushes the outboxes of `docs`; returns the requests moved.
+    pub async fn flush(&self, con: &mut ConnectionManager, docs: &[String]) -> Result<u64> {
+        let outboxes = self.keys.globals().outboxes;
+        let mut n = 0;
+        for doc in docs {
+            let mut inv = self.script.key(self.keys.doc(doc).outbox);
+            inv.key(&outboxes).key(&self.stream).arg(doc);
+            n += inv.invoke_async::<u64>(con).await?;
+        }
+        Ok(n)
+    }
+
+    /// Flushes every outbox left non-empty (by a replica that stopped before flushing).
+    pub async fn flush_all(&self, con: &mut ConnectionManager) -> Result<u64> {
+        let docs: Vec<String> = redis::cmd("SRANDMEMBER")
+            .arg(self.keys.globals().outboxes)
+            .arg(500)
+            .query_async(con)
+            .await?;
+        self.flush(con, &docs).await
+    }
+}
