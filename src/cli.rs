@@ -141,6 +141,8 @@ pub enum Command {
         /// Document id.
         doc: String,
     },
+    /// Benchmark the worker on this machine against its own redis-server.
+    Bench(crate::bench::BenchArgs),
     /// Run a worker beside a demo producer and show presence changing (starts a local Redis when
     /// none is reachable at a loopback URL).
     Demo(crate::demo::DemoArgs),
@@ -525,6 +527,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
             follow,
         } => crate::follow::snapshots(common, &snapshot_stream, follow).await,
         Command::Watch { doc } => crate::follow::watch(common, &doc).await,
+        Command::Bench(args) => crate::bench::run(common, args).await,
         Command::Demo(args) => crate::demo::run(common, args).await,
     }
 }

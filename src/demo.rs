@@ -126,8 +126,15 @@ pub fn render(doc: &str, state: &DocState) -> String {
     s
 }
 
-/// A Redis server started for the demo; stopped when dropped.
+/// A Redis server started for the demo (or the benchmark); stopped when dropped.
 pub struct LocalRedis(Child);
+
+impl LocalRedis {
+    /// Takes ownership of a started `redis-server` process.
+    pub fn new(child: Child) -> Self {
+        Self(child)
+    }
+}
 
 impl Drop for LocalRedis {
     fn drop(&mut self) {

@@ -16,13 +16,14 @@
 //! Beside them: [`config`], [`error`], [`keys`] (every key name), [`metrics`] (every metric) and
 //! [`http`] (health and metrics endpoints), [`connection`], [`produce`]
 //! (the producer API), [`inspect`] (reading state back), [`dlq`] (dead letters), [`ops`]
-//! (status, top, repair), [`follow`] (`snapshots`, `watch`), [`cli`] and
+//! (status, top, repair), [`follow`] (`snapshots`, `watch`), [`bench`], [`cli`] and
 //! [`demo`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod ack;
 pub mod apply;
+pub mod bench;
 pub mod breaker;
 pub mod cli;
 pub mod coalesce;
