@@ -446,27 +446,9 @@ fn own_redis() -> Result<(String, crate::demo::LocalRedis)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let dir = std::env::temp_dir();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .spawn()?;
+    let redis = crate::demo::LocalRedis::spawn(port, Some(&std::env::temp_dir()))?;
     std::thread::sleep(Duration::from_millis(300));
-    Ok((
-        format!("redis://127.0.0.1:{port}"),
-        crate::demo::LocalRedis::new(child),
-    ))
+    Ok((format!("redis://127.0.0.1:{port}"), redis))
 }
 
 /// The sequential model (per session: live or not; the stream holds no `seq` here).

@@ -130,9 +130,15 @@ pub fn render(doc: &str, state: &DocState) -> String {
 pub struct LocalRedis(Child);
 
 impl LocalRedis {
-    /// Takes ownership of a started `redis-server` process.
-    pub fn new(child: Child) -> Self {
-        Self(child)
+    /// Starts `redis-server` on 127.0.0.1:`port` without persistence (in `dir`, if given).
+    pub fn spawn(port: u16, dir: Option<&std::path::Path>) -> Result<Self> {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"]);
+        if let Some(dir) = dir {
+            cmd.arg("--dir").arg(dir);
+        }
+        Ok(Self(cmd.stdout(Stdio::null()).spawn()?))
     }
 }
 
@@ -170,20 +176,7 @@ pub async fn ensure_redis(url: &str) -> Result<Option<LocalRedis>> {
         install_redis()?;
     }
     eprintln!("demo: starting redis-server on 127.0.0.1:{port}");
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()?;
-    let guard = LocalRedis(child);
+    let guard = LocalRedis::spawn(port, None)?;
     for _ in 0..50 {
         if ping(url).await {
             return Ok(Some(guard));

@@ -467,27 +467,9 @@ async fn a_restarted_replica_first_replays_its_own_pending_entries() {
     )
     .await;
     // A replica named w1 read these and crashed before applying them.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let read: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("w1")
-        .arg("COUNT")
-        .arg(10)
-        .arg("STREAMS")
-        .arg(STREAM)
-        .arg(">")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_ne!(read, redis::Value::Nil);
+    common::create_group(&mut con, STREAM, GROUP).await;
+    let read = common::read_as(&mut con, STREAM, GROUP, "w1", 10).await;
+    assert_eq!(read.len(), 2);
     assert_eq!(
         common::group_pending_lag(&mut con, STREAM, GROUP).await,
         (2, 0)

@@ -202,26 +202,8 @@ async fn a_dead_replicas_pending_entries_are_reclaimed() {
         &[ev(EventType::Join, "d", "a"), ev(EventType::Join, "d", "b")],
     )
     .await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("dead")
-        .arg("COUNT")
-        .arg(10)
-        .arg("STREAMS")
-        .arg(STREAM)
-        .arg(">")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    common::create_group(&mut con, STREAM, GROUP).await;
+    let _ = common::read_as(&mut con, STREAM, GROUP, "dead", 10).await;
     let mut cfg = config(&server, "alive");
     cfg.claim_idle = Duration::from_millis(300);
     let w = RunningWorker::spawn(cfg);
@@ -243,26 +225,8 @@ async fn an_entry_delivered_too_often_is_dead_lettered() {
         ],
     )
     .await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("crashy")
-        .arg("COUNT")
-        .arg(1)
-        .arg("STREAMS")
-        .arg(STREAM)
-        .arg(">")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    common::create_group(&mut con, STREAM, GROUP).await;
+    let _ = common::read_as(&mut con, STREAM, GROUP, "crashy", 1).await;
     let poison_id = xrange(&mut con, STREAM).await[0].0.clone();
     // It has crashed its consumer five times already.
     let _: redis::Value = redis::cmd("XCLAIM")
@@ -368,26 +332,8 @@ async fn only_idle_consumers_with_nothing_pending_are_removed() {
     let server = RedisServer::start();
     let mut con = server.con().await;
     publish(&server, &[ev(EventType::Join, "d", "a")]).await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(GROUP)
-        .arg("holding")
-        .arg("COUNT")
-        .arg(1)
-        .arg("STREAMS")
-        .arg(STREAM)
-        .arg(">")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    common::create_group(&mut con, STREAM, GROUP).await;
+    let _ = common::read_as(&mut con, STREAM, GROUP, "holding", 1).await;
     let _: i64 = redis::cmd("XGROUP")
         .arg("CREATECONSUMER")
         .arg(STREAM)

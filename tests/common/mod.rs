@@ -269,3 +269,43 @@ pub fn field(fields: &Fields, name: &str) -> Option<String> {
         .find(|(k, _)| k == name)
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
 }
+
+/// `XGROUP CREATE <stream> <group> 0`.
+pub async fn create_group(con: &mut ConnectionManager, stream: &str, group: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .query_async(con)
+        .await
+        .expect("XGROUP CREATE");
+}
+
+/// Reads up to `count` new entries as `consumer` of `group` (as a replica that then crashes
+/// would); returns their ids.
+pub async fn read_as(
+    con: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    count: usize,
+) -> Vec<String> {
+    let reply: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(group)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(count)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(con)
+        .await
+        .expect("XREADGROUP");
+    presence_worker::read::parse_read_reply(reply)
+        .expect("entries")
+        .iter()
+        .map(|e| e.id.to_string())
+        .collect()
+}
