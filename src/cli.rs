@@ -1,11 +1,13 @@
 //! The command line: flags (also read from the environment) and the subcommands.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{GroupStart, WorkerConfig};
+use crate::connection::ConnectOptions;
 use crate::error::{Error, Result};
 use crate::event::{Event, EventType, Meta};
 use crate::keys::Keys;
@@ -25,14 +27,33 @@ pub struct Cli {
 /// Options every subcommand shares.
 #[derive(Debug, Args)]
 pub struct Common {
-    /// Redis URL.
+    /// Redis URL: `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS.
+    // `hide_env_values`: `--help` would otherwise print REDIS_URL's value, password included.
     #[arg(
         long,
         env = "REDIS_URL",
         default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true,
         global = true
     )]
     pub redis_url: String,
+    /// Redis ACL user (instead of the user in the URL).
+    #[arg(long, env = "REDIS_USERNAME", global = true)]
+    pub redis_username: Option<String>,
+    /// File holding the Redis password (instead of the password in the URL); one trailing
+    /// newline is stripped.
+    #[arg(long, env = "REDIS_PASSWORD_FILE", global = true)]
+    pub redis_password_file: Option<PathBuf>,
+    /// PEM file of the CA certificates trusted for the server's certificate (`rediss://`
+    /// only; default: the system's trust store).
+    #[arg(long, env = "REDIS_CA_FILE", global = true)]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to Redis for mutual TLS (with --redis-client-key).
+    #[arg(long, env = "REDIS_CLIENT_CERT", global = true)]
+    pub redis_client_cert: Option<PathBuf>,
+    /// PEM private key of --redis-client-cert.
+    #[arg(long, env = "REDIS_CLIENT_KEY", global = true)]
+    pub redis_client_key: Option<PathBuf>,
     /// Events stream.
     #[arg(
         long,
@@ -52,6 +73,24 @@ pub struct Common {
     /// Log format.
     #[arg(long, env = "PRESENCE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty, global = true)]
     pub log_format: LogFormat,
+}
+
+impl Common {
+    /// The security options beside the URL, for [`crate::connection::client_with`].
+    pub fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            username: self.redis_username.clone(),
+            password_file: self.redis_password_file.clone(),
+            ca_file: self.redis_ca_file.clone(),
+            client_cert: self.redis_client_cert.clone(),
+            client_key: self.redis_client_key.clone(),
+        }
+    }
+
+    /// A client for `--redis-url` with the security options.
+    pub fn client(&self) -> Result<redis::Client> {
+        crate::connection::client_with(&self.redis_url, &self.connect_options())
+    }
 }
 
 /// How logs are written (filtered by `RUST_LOG`, default `info`).
@@ -279,6 +318,7 @@ impl RunArgs {
     pub fn config(&self, common: &Common) -> WorkerConfig {
         let consumer = self.consumer.clone().unwrap_or_else(default_consumer);
         let mut c = WorkerConfig::new(&common.redis_url, consumer);
+        c.connect = common.connect_options();
         c.stream.clone_from(&common.stream);
         c.prefix.clone_from(&common.prefix);
         c.group.clone_from(&self.group);
@@ -351,8 +391,7 @@ fn parse_meta_pair(s: &str) -> std::result::Result<(String, String), String> {
 }
 
 async fn connect(common: &Common) -> Result<redis::aio::ConnectionManager> {
-    let client = crate::connection::client(&common.redis_url)?;
-    crate::connection::manager(&client, Duration::from_secs(5)).await
+    crate::connection::manager(&common.client()?, Duration::from_secs(5)).await
 }
 
 fn to_json(v: &impl serde::Serialize) -> Result<String> {
@@ -420,15 +459,18 @@ pub async fn execute(cli: Cli) -> Result<()> {
             }
             // Refuse a bad event before connecting: the error is about the event, not Redis.
             ev.validate(&crate::limits::Limits::default())?;
-            let mut producer =
-                crate::produce::Producer::connect(&common.redis_url, &common.stream).await?;
+            let mut producer = crate::produce::Producer::connect_with(
+                &common.redis_url,
+                &common.connect_options(),
+                &common.stream,
+            )
+            .await?;
             let id = producer.publish(&ev).await?;
             println!("{id} {}", ev.id);
             Ok(())
         }
         Command::Inspect { doc, json } => {
-            let client = crate::connection::client(&common.redis_url)?;
-            let mut con = crate::connection::manager(&client, Duration::from_secs(5)).await?;
+            let mut con = connect(common).await?;
             let state = crate::inspect::inspect(&mut con, &Keys::new(&common.prefix), &doc).await?;
             if json {
                 let text = serde_json::to_string_pretty(&state)
@@ -443,8 +485,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
             dead_letter_stream,
             action,
         } => {
-            let client = crate::connection::client(&common.redis_url)?;
-            let mut con = crate::connection::manager(&client, Duration::from_secs(5)).await?;
+            let mut con = connect(common).await?;
             match action {
                 DlqAction::List { count, json } => {
                     let entries = crate::dlq::list(&mut con, &dead_letter_stream, count).await?;

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::breaker::BreakerConfig;
+use crate::connection::ConnectOptions;
 use crate::error::Error;
 use crate::limits::Limits;
 use crate::snapshot::SnapshotConfig;
@@ -62,6 +63,8 @@ pub struct WorkerConfig {
     pub snapshots: SnapshotConfig,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (`None`: not served).
     pub http_addr: Option<std::net::SocketAddr>,
+    /// ACL user, password file and TLS files used beside `redis_url` by every connection.
+    pub connect: ConnectOptions,
 }
 
 impl WorkerConfig {
@@ -89,6 +92,7 @@ impl WorkerConfig {
             breaker: BreakerConfig::default(),
             http_addr: None,
             snapshots: SnapshotConfig::default(),
+            connect: ConnectOptions::default(),
         }
     }
 

@@ -1,20 +1,186 @@
-//! Connections to Redis: one for applying and acknowledging, one of its own for blocking reads.
+//! Connections to Redis: every client is built here, from the URL and the security options
+//! (ACL user, password file, TLS), and then one connection for applying and acknowledging and
+//! one of its own for blocking reads.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{ConnectionAddr, IntoConnectionInfo};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::error::{Error, Result};
 use crate::redact::redact;
 
-/// Opens a client for `url`, checking the URL without connecting.
+/// How to authenticate and encrypt, beside the URL. Every field names files or a user name,
+/// never a secret itself, so the options can be logged and cloned freely.
+///
+/// Credentials may also come from the URL (`redis://user:password@host`); giving the same one
+/// both ways is refused rather than silently preferring one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectOptions {
+    /// ACL user (`--redis-username`); without one, Redis's `default` user.
+    pub username: Option<String>,
+    /// File holding the password (`--redis-password-file`); one trailing newline is stripped.
+    pub password_file: Option<PathBuf>,
+    /// PEM file of the certificate authorities trusted for the server's certificate
+    /// (`--redis-ca-file`, `rediss://` only); without one, the system's trust store.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain this client presents for mutual TLS (`--redis-client-cert`).
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert` (`--redis-client-key`).
+    pub client_key: Option<PathBuf>,
+}
+
+impl ConnectOptions {
+    /// Whether any TLS file is given.
+    fn wants_tls(&self) -> bool {
+        self.ca_file.is_some() || self.client_cert.is_some() || self.client_key.is_some()
+    }
+}
+
+/// Opens a client for `url` with no options beyond the URL, checking it without connecting.
 pub fn client(url: &str) -> Result<redis::Client> {
-    redis::Client::open(url).map_err(|e| {
-        Error::Config(format!(
-            "--redis-url {}: not a valid Redis URL ({e})",
-            redact(url)
+    client_with(url, &ConnectOptions::default())
+}
+
+/// Opens a client for `url` with `options`: reads the password and the TLS files and checks
+/// them, without connecting. Every error names the flag at fault and never holds a secret.
+pub fn client_with(url: &str, options: &ConnectOptions) -> Result<redis::Client> {
+    let bad_url = |why: String| Error::Config(format!("--redis-url {}: {why}", redact(url)));
+    let info = url.into_connection_info().map_err(|e| {
+        bad_url(format!(
+            "not a valid Redis URL ({})",
+            redact(&e.to_string())
         ))
+    })?;
+    let tls = match info.addr() {
+        ConnectionAddr::TcpTls { insecure: true, .. } => {
+            return Err(bad_url(
+                "#insecure (no certificate verification) is not supported; trust the server's \
+                 CA with --redis-ca-file instead"
+                    .into(),
+            ))
+        }
+        ConnectionAddr::TcpTls { .. } => true,
+        _ => false,
+    };
+    // `CLIENT SETINFO` (Redis 7.2+) is skipped: its reply is ignored anyway, and under a
+    // least-privilege ACL user it would only add a denial to `ACL LOG` on every connect.
+    let mut settings = info.redis_settings().clone().set_skip_set_lib_name();
+    if let Some(user) = &options.username {
+        match settings.username() {
+            Some(in_url) if in_url != user => {
+                return Err(Error::Config(format!(
+                    "--redis-username {user:?} differs from the user in --redis-url {}",
+                    redact(url)
+                )))
+            }
+            _ => settings = settings.set_username(user),
+        }
+    }
+    if let Some(path) = &options.password_file {
+        if settings.password().is_some() {
+            return Err(Error::Config(format!(
+                "the password is given twice, in --redis-url {} and in --redis-password-file",
+                redact(url)
+            )));
+        }
+        settings = settings.set_password(read_password(path)?);
+    }
+    if settings.username().is_some() && settings.password().is_none() {
+        return Err(Error::Config(
+            "a Redis user name needs a password (in --redis-url or --redis-password-file)".into(),
+        ));
+    }
+    let info = info.set_redis_settings(settings);
+    if !tls {
+        if options.wants_tls() {
+            return Err(bad_url(
+                "--redis-ca-file, --redis-client-cert and --redis-client-key need a rediss:// URL"
+                    .into(),
+            ));
+        }
+        return redis::Client::open(info).map_err(|e| bad_url(redact(&e.to_string())));
+    }
+    let certificates = tls_certificates(options)?;
+    // redis-rs builds its rustls configuration with the process-wide provider; install ours
+    // (ring) unless the application already chose one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    redis::Client::build_with_tls(info, certificates).map_err(|e| bad_url(redact(&e.to_string())))
+}
+
+/// The password in `path`, without one trailing newline (`\n` or `\r\n`).
+fn read_password(path: &Path) -> Result<String> {
+    let flag = || format!("--redis-password-file {}", path.display());
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("{}: cannot read it ({e})", flag())))?;
+    let password = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if password.is_empty() {
+        return Err(Error::Config(format!("{}: the file is empty", flag())));
+    }
+    Ok(password.to_owned())
+}
+
+/// Reads and checks the TLS files, so that a wrong file is reported by its flag at start-up
+/// rather than as a failed handshake later.
+fn tls_certificates(options: &ConnectOptions) -> Result<redis::TlsCertificates> {
+    let root_cert = match &options.ca_file {
+        Some(path) => {
+            let pem = read_file("--redis-ca-file", path)?;
+            certificates_in("--redis-ca-file", path, &pem)?;
+            Some(pem)
+        }
+        None => None,
+    };
+    let client_tls = match (&options.client_cert, &options.client_key) {
+        (Some(cert), Some(key)) => {
+            let client_cert = read_file("--redis-client-cert", cert)?;
+            certificates_in("--redis-client-cert", cert, &client_cert)?;
+            let client_key = read_file("--redis-client-key", key)?;
+            PrivateKeyDer::from_pem_slice(&client_key).map_err(|e| {
+                Error::Config(format!(
+                    "--redis-client-key {}: no usable PEM private key ({e})",
+                    key.display()
+                ))
+            })?;
+            Some(redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            })
+        }
+        (None, None) => None,
+        _ => {
+            return Err(Error::Config(
+                "--redis-client-cert and --redis-client-key go together".into(),
+            ))
+        }
+    };
+    Ok(redis::TlsCertificates {
+        client_tls,
+        root_cert,
     })
+}
+
+fn read_file(flag: &str, path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|e| Error::Config(format!("{flag} {}: cannot read it ({e})", path.display())))
+}
+
+/// Checks that `pem` holds at least one certificate and nothing unreadable.
+fn certificates_in(flag: &str, path: &Path, pem: &[u8]) -> Result<()> {
+    let bad = |why: String| Error::Config(format!("{flag} {}: {why}", path.display()));
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad(format!("not valid PEM ({e})")))?;
+    if certs.is_empty() {
+        return Err(bad("no PEM certificate in it".into()));
+    }
+    Ok(())
 }
 
 /// A reconnecting connection whose replies may take up to `response_timeout`.
@@ -31,11 +197,95 @@ pub async fn manager(
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(2));
-    client
+    let connect_error = |source| Error::Connect {
+        url: address(client.get_connection_info().addr()),
+        source,
+    };
+    let mut con = client
         .get_connection_manager_with_config(config)
         .await
-        .map_err(|source| Error::Connect {
-            url: redact(&client.get_connection_info().addr().to_string()),
-            source,
-        })
+        .map_err(connect_error)?;
+    // Without a password redis-rs sends nothing while connecting, so a server that refuses us
+    // after the TLS handshake (TLS 1.3 checks client certificates then) would only show on the
+    // first command, as a retried I/O error. One round trip makes start-up fail clearly
+    // instead. Any reply, even a refusal by an ACL without PING, proves the connection works.
+    match redis::cmd("PING")
+        .query_async::<redis::Value>(&mut con)
+        .await
+    {
+        Err(e) if e.code().is_none() => Err(connect_error(e)),
+        _ => Ok(con),
+    }
+}
+
+/// Where a client connects, without credentials: `redis://host:port`, `rediss://host:port`
+/// or the socket path.
+pub fn address(addr: &ConnectionAddr) -> String {
+    match addr {
+        ConnectionAddr::Tcp(host, port) => format!("redis://{host}:{port}"),
+        ConnectionAddr::TcpTls { host, port, .. } => format!("rediss://{host}:{port}"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options_with_password(text: &str) -> (tempfile::TempDir, ConnectOptions) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("password");
+        std::fs::write(&path, text).expect("write");
+        let options = ConnectOptions {
+            username: Some("w".into()),
+            password_file: Some(path),
+            ..Default::default()
+        };
+        (dir, options)
+    }
+
+    #[test]
+    fn the_password_file_loses_one_trailing_newline_only() {
+        for (text, want) in [
+            ("pw\n", "pw"),
+            ("pw\r\n", "pw"),
+            ("pw", "pw"),
+            ("pw \n\n", "pw \n"),
+        ] {
+            let (_dir, options) = options_with_password(text);
+            let client = client_with("redis://127.0.0.1:1", &options).expect("client");
+            let settings = client.get_connection_info().redis_settings();
+            assert_eq!(settings.password(), Some(want), "{text:?}");
+            assert_eq!(settings.username(), Some("w"));
+        }
+    }
+
+    #[test]
+    fn credentials_given_twice_or_half_are_refused_without_echoing_them() {
+        let (_dir, options) = options_with_password("s3cret\n");
+        let err = client_with("redis://w:other@127.0.0.1:1", &options)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("given twice") && !err.contains("other"),
+            "{err}"
+        );
+        let err = client_with("redis://x:pw@127.0.0.1:1", &options)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("differs") && !err.contains("pw@"), "{err}");
+        let user_only = ConnectOptions {
+            username: Some("w".into()),
+            ..Default::default()
+        };
+        let err = client_with("redis://127.0.0.1:1", &user_only)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs a password"), "{err}");
+        let (_dir, empty) = options_with_password("\n");
+        let err = client_with("redis://127.0.0.1:1", &empty)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is empty"), "{err}");
+    }
 }

@@ -6,8 +6,8 @@ pub enum Error {
     /// A Redis command failed; [`Error::is_transient`] says whether retrying can help.
     #[error("redis error: {0}")]
     Redis(#[from] redis::RedisError),
-    /// Redis could not be reached (the URL is shown without its password).
-    #[error("cannot reach Redis at {url}: {source}")]
+    /// Redis could not be reached or refused us (the URL is shown without its password).
+    #[error("cannot reach Redis at {url}: {}", describe_connect(url, source))]
     Connect {
         /// The URL, redacted.
         url: String,
@@ -75,6 +75,35 @@ impl Error {
             _ => "other",
         }
     }
+}
+
+/// Why a connection failed, in words an operator can act on. The server's own text is kept
+/// for everything else; Redis never echoes a password in it.
+fn describe_connect(url: &str, e: &redis::RedisError) -> String {
+    if e.kind() == redis::ErrorKind::AuthenticationFailed || e.code() == Some("WRONGPASS") {
+        return "authentication failed (wrong user name or password, or the user is disabled)"
+            .into();
+    }
+    if e.code() == Some("NOAUTH") {
+        return "authentication required (give a password in --redis-url or \
+                --redis-password-file)"
+            .into();
+    }
+    let text = e.to_string();
+    if text.contains("invalid peer certificate") {
+        return format!(
+            "{text} (the server's certificate must chain to --redis-ca-file, or the system's \
+             trust store, and name the host of the URL)"
+        );
+    }
+    if url.starts_with("rediss://") && e.is_connection_dropped() {
+        // TLS 1.3 servers check the client's certificate after the handshake, then hang up.
+        return format!(
+            "{text} (the server closed the TLS connection: if it requires client certificates, \
+             give --redis-client-cert and --redis-client-key)"
+        );
+    }
+    text
 }
 
 /// Classifies a Redis error as transient (see [`Error::is_transient`]).

@@ -28,7 +28,7 @@ pub fn render_request(id: &str, r: &SnapshotRequest) -> String {
 
 /// Prints the requests in `stream`, then (with `follow`) new ones until SIGINT/SIGTERM.
 pub async fn snapshots(common: &Common, stream: &str, follow: bool) -> Result<()> {
-    let client = crate::connection::client(&common.redis_url)?;
+    let client = common.client()?;
     let mut con = crate::connection::manager(&client, Duration::from_secs(10)).await?;
     let token = CancellationToken::new();
     crate::shutdown::cancel_on_signals(token.clone());
@@ -69,7 +69,7 @@ pub async fn watch(common: &Common, doc: &str) -> Result<()> {
     let channel = Keys::new(&common.prefix).doc(doc).presence_channel;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let url = with_resp3(&common.redis_url);
-    let client = crate::connection::client(&url)?;
+    let client = crate::connection::client_with(&url, &common.connect_options())?;
     let config = redis::AsyncConnectionConfig::new().set_push_sender(tx);
     let mut con = client
         .get_multiplexed_async_connection_with_config(&config)

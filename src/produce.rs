@@ -11,7 +11,7 @@ use redis::aio::ConnectionManager;
 use tokio::time::Instant;
 
 use crate::breaker::{guard, Breaker, BreakerConfig};
-use crate::connection;
+use crate::connection::{self, ConnectOptions};
 use crate::error::{Error, Result};
 use crate::event::Event;
 use crate::limits::Limits;
@@ -48,7 +48,16 @@ pub struct Producer {
 impl Producer {
     /// Connects to `redis_url`, appending to `stream`, with the default retry policy and breaker.
     pub async fn connect(redis_url: &str, stream: impl Into<String>) -> Result<Self> {
-        let client = connection::client(redis_url)?;
+        Self::connect_with(redis_url, &ConnectOptions::default(), stream).await
+    }
+
+    /// [`Producer::connect`] with an ACL user, a password file or TLS files beside the URL.
+    pub async fn connect_with(
+        redis_url: &str,
+        options: &ConnectOptions,
+        stream: impl Into<String>,
+    ) -> Result<Self> {
+        let client = connection::client_with(redis_url, options)?;
         let con = connection::manager(&client, Duration::from_secs(5)).await?;
         Ok(Self {
             con,

@@ -79,7 +79,7 @@ pub async fn run_with_stats(
     stats: Arc<Stats>,
 ) -> Result<()> {
     config.validate()?;
-    let client = connection::client(&config.redis_url)?;
+    let client = connection::client_with(&config.redis_url, &config.connect)?;
     let mut apply_con = connection::manager(&client, config.response_timeout).await?;
     let read_con = connection::manager(&client, config.block + config.response_timeout).await?;
     read::ensure_group(

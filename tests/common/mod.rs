@@ -21,9 +21,11 @@ use tokio_util::sync::CancellationToken;
 /// A `redis-server` on a free loopback port, with its own data directory; killed on drop.
 pub struct RedisServer {
     child: Child,
-    /// The port it listens on.
+    /// The port it listens on (the TLS port for a server from [`RedisServer::start_tls`]).
     pub port: u16,
     dir: tempfile::TempDir,
+    /// Whether it speaks TLS only.
+    tls: bool,
 }
 
 impl RedisServer {
@@ -46,12 +48,56 @@ impl RedisServer {
                 .spawn()
                 .expect("redis-server must be installed (apt-get install redis-server)");
             if wait_for_port(port, &mut child) {
-                return Self { child, port, dir };
+                return Self {
+                    child,
+                    port,
+                    dir,
+                    tls: false,
+                };
             }
             let _ = child.kill();
             let _ = child.wait();
         }
         panic!("could not start redis-server");
+    }
+
+    /// Starts a server speaking TLS only (no plain port), with no persistence. `certs` holds
+    /// `server.pem` and `server.key` (its certificate and key) and `ca.pem` (the CA client
+    /// certificates must be signed by). With `require_client_auth`, clients without a
+    /// certificate signed by that CA are refused (mutual TLS).
+    pub fn start_tls(certs: &std::path::Path, require_client_auth: bool) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = |name: &str| certs.join(name).to_str().expect("utf-8 path").to_owned();
+        for _ in 0..20 {
+            let port = free_port();
+            let mut child = Command::new("redis-server")
+                .args(["--port", "0", "--bind", "127.0.0.1"])
+                .args(["--tls-port", &port.to_string()])
+                .args(["--tls-cert-file", &file("server.pem")])
+                .args(["--tls-key-file", &file("server.key")])
+                .args(["--tls-ca-cert-file", &file("ca.pem")])
+                .args([
+                    "--tls-auth-clients",
+                    if require_client_auth { "yes" } else { "no" },
+                ])
+                .args(["--dir", dir.path().to_str().expect("utf-8 temp path")])
+                .args(["--save", "", "--appendonly", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (apt-get install redis-server)");
+            if wait_for_listener(port, &mut child) {
+                return Self {
+                    child,
+                    port,
+                    dir,
+                    tls: true,
+                };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("could not start redis-server with TLS (is it built with TLS support?)");
     }
 
     /// Restarts the server on the same port and directory (data kept when persistence is on).
@@ -88,9 +134,10 @@ impl RedisServer {
         assert!(ok, "kill {sig}");
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>` (`rediss://` for a TLS server).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     /// A reconnecting connection.
@@ -131,6 +178,20 @@ fn wait_for_port(port: u16, child: &mut Child) -> bool {
                     }
                 }
             }
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+/// Waits until `port` accepts TCP connections (a TLS port cannot answer a plain `PING`).
+fn wait_for_listener(port: u16, child: &mut Child) -> bool {
+    for _ in 0..200 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false;
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
         }
         std::thread::sleep(Duration::from_millis(25));
     }
