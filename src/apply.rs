@@ -1,20 +1,22 @@
-//! Apply stage: one atomic script call per document, pipelined; and the expiry of silent
-//! sessions, which changes documents the same way.
+//! Apply stage: the coalesced updates of many documents per script call (each document still one
+//! atomic step), calls pipelined; and the expiry of silent sessions, which changes documents the
+//! same way.
 
 use redis::aio::ConnectionManager;
-use redis::Script;
+use redis::{Script, ScriptInvocation};
 
 use crate::coalesce::{DocUpdate, Version};
 use crate::error::{Error, Result};
 use crate::keys::{GlobalKeys, Keys};
+use crate::snapshot::SnapshotConfig;
 
-/// The script that applies one document's updates (see the headers of the two files).
+/// The script that applies documents' updates (see the headers of the two files).
 const APPLY_LUA: &str = concat!(
     include_str!("lua/common.lua"),
     include_str!("lua/apply.lua")
 );
 
-/// The script that expires one document's silent sessions.
+/// The script that expires documents' silent sessions.
 const EXPIRE_LUA: &str = concat!(
     include_str!("lua/common.lua"),
     include_str!("lua/expire.lua")
@@ -23,11 +25,18 @@ const EXPIRE_LUA: &str = concat!(
 /// The script that leases due documents to one replica.
 const CLAIM_DUE_LUA: &str = include_str!("lua/claim_due.lua");
 
-/// Most sessions one expiry call ends (the rest are due again at once).
-const EXPIRE_PER_CALL: usize = 500;
+/// Most documents in one script call: enough to spread the call's fixed cost, few enough that
+/// one call stays well under a millisecond of Redis time.
+const DOCS_PER_CALL: usize = 64;
 
-/// How many documents go in one pipeline round trip.
-const PIPELINE_DOCS: usize = 256;
+/// Most sessions in one script call.
+const SESSIONS_PER_CALL: usize = 512;
+
+/// How many script calls go in one pipeline round trip.
+const CALLS_PER_PIPELINE: usize = 16;
+
+/// Most sessions one expiry call ends per document (the rest are due again at once).
+const EXPIRE_PER_DOC: usize = 500;
 
 /// What the script decided for one session's deciding event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,12 +61,12 @@ pub struct Applied {
 /// Applies coalesced updates to Redis.
 #[derive(Debug, Clone)]
 pub struct Applier {
-    snapshots: crate::snapshot::SnapshotConfig,
     script: Script,
     expire: Script,
     claim_due: Script,
     keys: Keys,
     globals: GlobalKeys,
+    options: Vec<u8>,
     history_ms: u64,
     ttl_ms: u64,
 }
@@ -66,7 +75,7 @@ impl Applier {
     /// An applier writing under `keys`, keeping ended sessions' history for `history_ms` and
     /// expiring sessions silent for `ttl_ms` (0: never).
     pub fn new(keys: Keys, history_ms: u64, ttl_ms: u64) -> Self {
-        Self::with_snapshots(keys, history_ms, ttl_ms, Default::default())
+        Self::with_snapshots(keys, history_ms, ttl_ms, SnapshotConfig::default())
     }
 
     /// [`Applier::new`] with snapshot requests and the change feed configured.
@@ -74,13 +83,13 @@ impl Applier {
         keys: Keys,
         history_ms: u64,
         ttl_ms: u64,
-        snapshots: crate::snapshot::SnapshotConfig,
+        snapshots: SnapshotConfig,
     ) -> Self {
         Self {
-            snapshots,
             script: Script::new(APPLY_LUA),
             expire: Script::new(EXPIRE_LUA),
             claim_due: Script::new(CLAIM_DUE_LUA),
+            options: snapshots.script_options(&keys.channel_prefix()),
             globals: keys.globals(),
             keys,
             history_ms,
@@ -107,42 +116,25 @@ impl Applier {
         con: &mut ConnectionManager,
         docs: &[String],
     ) -> Result<(u64, Vec<(String, String)>)> {
+        let mut invocations = Vec::new();
+        for chunk in docs.chunks(DOCS_PER_CALL) {
+            let mut inv = self.invocation(&self.expire, chunk.iter().map(String::as_str));
+            inv.arg(chunk.len()).arg(EXPIRE_PER_DOC);
+            for doc in chunk {
+                inv.arg(doc);
+            }
+            invocations.push(inv);
+        }
+        let replies: Vec<(u64, String)> = self.run(con, &self.expire, &invocations).await?;
         let mut total = 0;
         let mut emitted = Vec::new();
-        for chunk in docs.chunks(PIPELINE_DOCS) {
-            let mut pipe = redis::pipe();
-            for doc in chunk {
-                let mut inv = self.doc_invocation(&self.expire, doc);
-                inv.arg(EXPIRE_PER_CALL);
-                pipe.invoke_script(&inv);
-            }
-            let replies: Vec<(u64, String)> = match pipe.query_async(con).await {
-                Err(e) if e.code() == Some("NOSCRIPT") => {
-                    self.expire.load_async(con).await?;
-                    pipe.query_async(con).await?
-                }
-                r => r?,
-            };
-            for (doc, (n, reason)) in chunk.iter().zip(replies) {
-                total += n;
-                if !reason.is_empty() {
-                    emitted.push((doc.clone(), reason));
-                }
+        for (doc, (n, reason)) in docs.iter().zip(replies) {
+            total += n;
+            if !reason.is_empty() {
+                emitted.push((doc.clone(), reason));
             }
         }
         Ok((total, emitted))
-    }
-
-    /// An invocation of a document script with its KEYS and ARGV[1..3] (see `lua/common.lua`).
-    fn doc_invocation<'s>(&self, script: &'s Script, doc: &str) -> redis::ScriptInvocation<'s> {
-        let k = self.keys.doc(doc);
-        let mut inv = script.prepare_invoke();
-        for key in k.script_keys(&self.globals) {
-            inv.key(key);
-        }
-        inv.arg(self.history_ms).arg(self.ttl_ms).arg(doc);
-        inv.arg(self.snapshots.script_options(&k.presence_channel));
-        inv
     }
 
     /// Applies every document's updates; returns, per document, one outcome per session and the
@@ -154,54 +146,27 @@ impl Applier {
         con: &mut ConnectionManager,
         docs: &[DocUpdate],
     ) -> Result<Vec<Applied>> {
-        let mut out = Vec::with_capacity(docs.len());
-        for chunk in docs.chunks(PIPELINE_DOCS) {
-            let replies = match self.apply_chunk(con, chunk).await {
-                // After a restart or failover the script cache is empty: load it and go again.
-                Err(Error::Redis(e)) if e.code() == Some("NOSCRIPT") => {
-                    self.script.load_async(con).await?;
-                    self.apply_chunk(con, chunk).await?
-                }
-                r => r?,
-            };
-            out.extend(replies);
-        }
-        Ok(out)
-    }
-
-    async fn apply_chunk(
-        &self,
-        con: &mut ConnectionManager,
-        chunk: &[DocUpdate],
-    ) -> Result<Vec<Applied>> {
-        let mut pipe = redis::pipe();
-        for d in chunk {
-            let mut inv = self.doc_invocation(&self.script, &d.doc);
-            inv.arg(d.sessions.len());
-            for s in &d.sessions {
-                inv.arg(&s.field).arg(&s.user);
-                inv.arg(if s.live { "1" } else { "0" });
-                push_version(&mut inv, &s.version);
-                inv.arg(&s.event_id);
-                match &s.meta {
-                    None => {
-                        inv.arg("").arg("").arg("").arg("").arg("");
-                    }
-                    Some((v, m)) => {
-                        inv.arg(if m.is_some() { "1" } else { "0" });
-                        push_version(&mut inv, v);
-                        inv.arg(m.as_deref().unwrap_or_default());
-                    }
-                }
+        let mut invocations = Vec::new();
+        let mut start = 0;
+        while start < docs.len() {
+            let mut end = start;
+            let mut sessions = 0;
+            while end < docs.len()
+                && end - start < DOCS_PER_CALL
+                && (end == start || sessions + docs[end].sessions.len() <= SESSIONS_PER_CALL)
+            {
+                sessions += docs[end].sessions.len();
+                end += 1;
             }
-            pipe.invoke_script(&inv);
+            invocations.push(self.apply_invocation(&docs[start..end]));
+            start = end;
         }
-        let replies: Vec<(Vec<i64>, String)> = pipe.query_async(con).await?;
-        if replies.len() != chunk.len() {
+        let replies: Vec<(Vec<i64>, String)> = self.run(con, &self.script, &invocations).await?;
+        if replies.len() != docs.len() {
             return Err(Error::Protocol(format!(
                 "{} replies for {} documents",
                 replies.len(),
-                chunk.len()
+                docs.len()
             )));
         }
         Ok(replies
@@ -219,9 +184,90 @@ impl Applier {
             })
             .collect())
     }
+
+    fn apply_invocation<'s>(&'s self, docs: &[DocUpdate]) -> ScriptInvocation<'s> {
+        let mut inv = self.invocation(&self.script, docs.iter().map(|d| d.doc.as_str()));
+        inv.arg(docs.len());
+        for d in docs {
+            inv.arg(&d.doc).arg(d.sessions.len());
+            for s in &d.sessions {
+                inv.arg(&s.field).arg(&s.user);
+                inv.arg(if s.live { "1" } else { "0" });
+                push_version(&mut inv, &s.version);
+                inv.arg(&s.event_id).arg(id_hash(&s.event_id));
+                match &s.meta {
+                    None => {
+                        inv.arg("").arg("").arg("").arg("").arg("");
+                    }
+                    Some((v, m)) => {
+                        inv.arg(if m.is_some() { "1" } else { "0" });
+                        push_version(&mut inv, v);
+                        inv.arg(m.as_deref().unwrap_or_default());
+                    }
+                }
+            }
+        }
+        inv
+    }
+
+    /// An invocation of a document script for `docs`, with its KEYS and ARGV[1..3] (see
+    /// `lua/common.lua`).
+    fn invocation<'s, 'd>(
+        &self,
+        script: &'s Script,
+        docs: impl Iterator<Item = &'d str>,
+    ) -> ScriptInvocation<'s> {
+        let mut inv = script.prepare_invoke();
+        for key in self.globals.script_keys() {
+            inv.key(key);
+        }
+        for doc in docs {
+            let k = self.keys.doc(doc);
+            for key in k.script_keys() {
+                inv.key(key);
+            }
+        }
+        inv.arg(self.history_ms).arg(self.ttl_ms).arg(&self.options);
+        inv
+    }
+
+    /// Runs `invocations` (of `script`), pipelined, and concatenates their per-document replies.
+    /// After a restart or failover the script cache is empty: it is loaded and the calls go
+    /// again (they are idempotent).
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        con: &mut ConnectionManager,
+        script: &Script,
+        invocations: &[ScriptInvocation<'_>],
+    ) -> Result<Vec<T>> {
+        let mut out = Vec::new();
+        for group in invocations.chunks(CALLS_PER_PIPELINE) {
+            let mut pipe = redis::pipe();
+            for inv in group {
+                pipe.invoke_script(inv);
+            }
+            let replies: Vec<Vec<T>> = match pipe.query_async(con).await {
+                Err(e) if e.code() == Some("NOSCRIPT") => {
+                    script.load_async(con).await?;
+                    pipe.query_async(con).await?
+                }
+                r => r?,
+            };
+            out.extend(replies.into_iter().flatten());
+        }
+        Ok(out)
+    }
 }
 
-fn push_version(inv: &mut redis::ScriptInvocation<'_>, v: &Version) {
+/// A 32-bit FNV-1a hash of an event id: what the session record keeps to recognise the same
+/// event again (a collision only mislabels a metric: duplicate instead of applied).
+pub fn id_hash(id: &str) -> u32 {
+    id.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+fn push_version(inv: &mut ScriptInvocation<'_>, v: &Version) {
     match v.seq {
         Some(q) => inv.arg(q.to_string()),
         None => inv.arg(""),

@@ -1,5 +1,7 @@
 //! Reading a document's state back: what `presence-worker inspect` prints.
 
+use std::collections::HashMap;
+
 use redis::aio::ConnectionManager;
 use rmpv::ValueRef;
 use serde::Serialize;
@@ -21,10 +23,13 @@ pub struct SessionInfo {
     pub seq: Option<String>,
     /// Stream entry id of the deciding event.
     pub entry_id: String,
-    /// Event id of the deciding event.
-    pub event_id: String,
-    /// Redis server time (ms) when that event was applied.
-    pub applied_at_ms: i64,
+    /// 32-bit hash of the deciding event's id ([`crate::apply::id_hash`]).
+    pub event_id_hash: u32,
+    /// Whether the session ended by expiry.
+    pub expired: bool,
+    /// Redis server time (ms) of the last refresh (live sessions, when expiry is on) or of the
+    /// end (ended sessions).
+    pub last_change_ms: Option<i64>,
     /// The session's meta.
     pub meta: Option<Meta>,
 }
@@ -50,18 +55,31 @@ impl DocState {
 /// Reads the state of `doc` under `keys`.
 pub async fn inspect(con: &mut ConnectionManager, keys: &Keys, doc: &str) -> Result<DocState> {
     let k = keys.doc(doc);
-    type Reply = (Vec<String>, Option<i64>, Vec<(String, Vec<u8>)>);
-    let (mut users, count, raw): Reply = redis::pipe()
+    type Reply = (
+        Vec<String>,
+        Option<i64>,
+        Vec<(String, Vec<u8>)>,
+        HashMap<String, i64>,
+        HashMap<String, i64>,
+    );
+    let (mut users, count, raw, alive, ended): Reply = redis::pipe()
         .atomic()
         .smembers(&k.users)
         .get(&k.count)
         .hgetall(&k.sessions)
+        .zrange_withscores(&k.alive, 0, -1)
+        .zrange_withscores(&k.ended, 0, -1)
         .query_async(con)
         .await?;
     users.sort();
     let mut sessions: Vec<SessionInfo> = raw
         .into_iter()
-        .filter_map(|(field, rec)| parse_record(&field, &rec))
+        .filter_map(|(field, rec)| {
+            let mut info = parse_record(&field, &rec)?;
+            let times = if info.live { &alive } else { &ended };
+            info.last_change_ms = times.get(&field).copied();
+            Some(info)
+        })
         .collect();
     sessions.sort_by(|a, b| (&a.user, &a.session).cmp(&(&b.user, &b.session)));
     Ok(DocState {
@@ -71,7 +89,7 @@ pub async fn inspect(con: &mut ConnectionManager, keys: &Keys, doc: &str) -> Res
     })
 }
 
-/// Parses one session record (see `lua/apply.lua` for its fields).
+/// Parses one session record (see `lua/common.lua` for its fields).
 fn parse_record(field: &str, rec: &[u8]) -> Option<SessionInfo> {
     let (user, session) = field.split_once(SESSION_SEP)?;
     let mut rd = rec;
@@ -86,8 +104,9 @@ fn parse_record(field: &str, rec: &[u8]) -> Option<SessionInfo> {
         live: false,
         seq: None,
         entry_id: String::new(),
-        event_id: String::new(),
-        applied_at_ms: 0,
+        event_id_hash: 0,
+        expired: false,
+        last_change_ms: None,
         meta: None,
     };
     let (mut ms, mut sq) = (String::new(), String::new());
@@ -107,8 +126,8 @@ fn parse_record(field: &str, rec: &[u8]) -> Option<SessionInfo> {
             "q" => info.seq = Some(text()),
             "m" => ms = text(),
             "s" => sq = text(),
-            "i" => info.event_id = text(),
-            "t" => info.applied_at_ms = int().unwrap_or(0),
+            "i" => info.event_id_hash = int().unwrap_or(0) as u32,
+            "x" => info.expired = int() == Some(1),
             "d" => {
                 if let ValueRef::String(s) = v {
                     info.meta = decode_meta(s.as_bytes());

@@ -33,9 +33,9 @@ pub struct DocKeys {
 }
 
 impl DocKeys {
-    /// The keys in the order the document scripts take them (see `lua/common.lua`), followed by
-    /// the global expiry index and stats hash.
-    pub fn script_keys<'a>(&'a self, globals: &'a GlobalKeys) -> [&'a str; 12] {
+    /// This document's eight keys in the order the document scripts take them (see
+    /// `lua/common.lua`), after the four global keys.
+    pub fn script_keys(&self) -> [&str; 8] {
         [
             &self.users,
             &self.count,
@@ -43,12 +43,8 @@ impl DocKeys {
             &self.live,
             &self.ended,
             &self.alive,
-            &globals.expiry,
-            &globals.stats,
-            &globals.top,
             &self.snapshot,
             &self.outbox,
-            &globals.outboxes,
         ]
     }
 }
@@ -64,6 +60,13 @@ pub struct GlobalKeys {
     pub top: String,
     /// SET of documents whose snapshot outbox is not empty.
     pub outboxes: String,
+}
+
+impl GlobalKeys {
+    /// The four global keys in the order the document scripts take them first.
+    pub fn script_keys(&self) -> [&str; 4] {
+        [&self.expiry, &self.stats, &self.top, &self.outboxes]
+    }
 }
 
 /// Builds key names under one prefix.
@@ -99,6 +102,12 @@ impl Keys {
             outbox: format!("{base}outbox"),
             presence_channel: format!("{base}presence"),
         }
+    }
+
+    /// The prefix of every document's change feed channel: the channel is this, the document
+    /// id and `}:presence`.
+    pub fn channel_prefix(&self) -> String {
+        format!("{}:doc:{{", self.prefix)
     }
 
     /// The keys shared by all documents.

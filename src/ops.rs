@@ -217,16 +217,19 @@ pub async fn repair(
         ..Default::default()
     };
     for doc in docs {
-        let k = keys.doc(&doc);
         let mut inv = script.prepare_invoke();
-        for key in k.script_keys(&globals) {
+        for key in globals
+            .script_keys()
+            .into_iter()
+            .chain(keys.doc(&doc).script_keys())
+        {
             inv.key(key);
         }
         // Repairs never emit snapshot requests nor publish changes: default options.
         let options =
-            crate::snapshot::SnapshotConfig::default().script_options(&k.presence_channel);
-        inv.arg(history_ms).arg(ttl_ms).arg(&doc).arg(options);
-        inv.arg(if fix { "1" } else { "0" });
+            crate::snapshot::SnapshotConfig::default().script_options(&keys.channel_prefix());
+        inv.arg(history_ms).arg(ttl_ms).arg(options);
+        inv.arg(if fix { "1" } else { "0" }).arg(&doc);
         let problems: Vec<String> = inv.invoke_async(con).await?;
         report.documents += 1;
         progress(report.documents);

@@ -57,8 +57,9 @@ impl SnapshotConfig {
         !self.thresholds.is_empty() || self.on_empty
     }
 
-    /// The options map the document scripts read from ARGV[4] for document `doc`.
-    pub fn script_options(&self, channel: &str) -> Vec<u8> {
+    /// The options map the document scripts read from ARGV[3]; `channel_prefix` is
+    /// [`crate::keys::Keys::channel_prefix`].
+    pub fn script_options(&self, channel_prefix: &str) -> Vec<u8> {
         let mut thresholds = self.thresholds.clone();
         thresholds.sort_unstable();
         thresholds.dedup();
@@ -69,7 +70,7 @@ impl SnapshotConfig {
             e: u8::from(self.on_empty),
             u: self.users_cap as u64,
             p: u8::from(self.publish_changes),
-            ch: channel,
+            cp: channel_prefix,
         };
         // SAFETY of expect: a struct of numbers and strings always encodes.
         rmp_serde::to_vec_named(&opts).expect("options encode")
@@ -84,7 +85,7 @@ struct ScriptOptions<'a> {
     e: u8,
     u: u64,
     p: u8,
-    ch: &'a str,
+    cp: &'a str,
 }
 
 /// Parses `--snapshot-thresholds 10,50,100`.

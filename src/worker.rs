@@ -252,7 +252,42 @@ impl Worker {
                 self.periodic().await;
             }
         }
+        self.drain_pending().await;
         tracing::info!(consumer = %self.config.consumer, "worker stopped");
         Ok(())
+    }
+
+    /// On shutdown: entries a read we stopped waiting for may still have put in our pending list
+    /// are processed too, within the drain timeout, so a clean stop leaves nothing pending.
+    async fn drain_pending(&mut self) {
+        let deadline = Instant::now() + self.config.drain_timeout;
+        let mut after = StreamId::default();
+        while Instant::now() < deadline {
+            let c = &self.config;
+            let from = ReadFrom::Pending(after);
+            let read = read::read(
+                &mut self.apply_con,
+                &c.stream,
+                &c.group,
+                &c.consumer,
+                c.batch,
+                from,
+            );
+            let entries = match tokio::time::timeout_at(deadline, guard(&self.breaker, read)).await
+            {
+                Ok(Ok(entries)) if !entries.is_empty() => entries,
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot drain pending entries: they will be replayed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            after = entries.last().map(|e| e.id).unwrap_or_default();
+            if let Err(e) = self.process(entries, true).await {
+                tracing::warn!(error = %e, "pending entries left for the next run");
+                return;
+            }
+        }
     }
 }

@@ -318,11 +318,11 @@ async fn dead_letters_are_listed_and_replayed_after_a_fix() {
 async fn sigterm_finishes_the_batch_in_hand_and_a_second_signal_exits_at_once() {
     let server = RedisServer::start();
     let mut con = server.con().await;
-    let entries = generate(5, 40_000);
+    let entries = generate(5, 100_000);
     let (model, _) = model_of(&entries);
     append(&mut con, &entries).await;
     let mut run = spawn_run(&server, "w1", &["--batch", "2000", "--drain-timeout", "3s"]);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let asked = Instant::now();
     signal(&run, "-TERM");
     let status = wait_exit(&mut run, Duration::from_secs(5));

@@ -231,8 +231,8 @@ fn model_of(events: &[(StreamId, Event)]) -> Model {
     model
 }
 
-/// A session record as the checks compare it: live, seq, entry id, event id, meta.
-type Record = (bool, Option<String>, String, String, Option<Meta>);
+/// A session record as the checks compare it: live, seq, entry id, event id hash, meta.
+type Record = (bool, Option<String>, String, u32, Option<Meta>);
 
 /// Every session record, by (document, user, session), as Redis holds it.
 async fn records(con: &mut ConnectionManager, prefix: &str) -> BTreeMap<[String; 3], Record> {
@@ -242,7 +242,7 @@ async fn records(con: &mut ConnectionManager, prefix: &str) -> BTreeMap<[String;
         let state = inspect(con, &keys, doc).await.expect("inspect");
         for s in state.sessions {
             let key = [doc.to_owned(), s.user, s.session];
-            out.insert(key, (s.live, s.seq, s.entry_id, s.event_id, s.meta));
+            out.insert(key, (s.live, s.seq, s.entry_id, s.event_id_hash, s.meta));
         }
     }
     out
@@ -281,7 +281,8 @@ fn expected_records(events: &[(StreamId, Event)]) -> BTreeMap<[String; 3], Recor
         .map(|(key, ((sid, ev), meta))| {
             let meta = meta.and_then(|(_, m)| m.kind.is_live().then(|| m.meta.clone()).flatten());
             let seq = ev.seq.map(|q| q.to_string());
-            let record = (ev.kind.is_live(), seq, sid.to_string(), ev.id.clone(), meta);
+            let id = presence_worker::apply::id_hash(&ev.id);
+            let record = (ev.kind.is_live(), seq, sid.to_string(), id, meta);
             (key, record)
         })
         .collect()
@@ -329,7 +330,7 @@ async fn dump(con: &mut ConnectionManager, prefix: &str) -> Dump {
     for doc in DOCS {
         let mut state = inspect(con, &keys, doc).await.expect("inspect");
         for s in &mut state.sessions {
-            s.applied_at_ms = 0;
+            s.last_change_ms = None;
         }
         docs.push(state);
     }

@@ -1,46 +1,54 @@
--- common.lua: shared by apply.lua and expire.lua (prepended to each), so both change a document's
--- membership the same way.
+-- common.lua: shared by apply.lua, expire.lua and repair.lua (prepended to each), so every script
+-- changes a document's membership the same way.
 --
--- KEYS of every document script:
---   KEYS[1] users     SET    users present in the document                     (public)
---   KEYS[2] count     STRING SCARD of users, absent when 0                      (public)
---   KEYS[3] sessions  HASH   "<user>\31<session>" -> session record             (internal)
---   KEYS[4] live      HASH   user -> number of live sessions                    (internal)
---   KEYS[5] ended     ZSET   "<user>\31<session>" -> server ms it ended         (internal)
---   KEYS[6] alive     ZSET   "<user>\31<session>" -> server ms of last refresh  (internal, expiry)
---   KEYS[7] expiry    ZSET   document -> server ms its first session is due to expire (global)
---   KEYS[8] stats     HASH   live_sessions, present_users over all documents (global)
---   KEYS[9] top       ZSET   document -> number of users present, for `top` (global)
---   KEYS[10] snapshot HASH   latest snapshot request and threshold arming             (public)
---   KEYS[11] outbox   LIST   snapshot requests not yet flushed to the snapshot stream (internal)
---   KEYS[12] outboxes SET    documents whose outbox is not empty (global)
--- ARGV[1] history_ms, ARGV[2] ttl_ms (0: sessions never expire), ARGV[3] document id,
--- ARGV[4] options, a MessagePack map: t (snapshot thresholds, ascending), h (hysteresis),
---   c (cooldown ms, 0: none), e (1: a request when the document empties), u (most users listed in
---   a request), p (1: publish membership changes), ch (the change feed channel).
+-- KEYS of every document script: four global keys, then eight per document (i = 0, 1, ...):
+--   KEYS[1]          expiry    ZSET   document -> server ms its oldest live session may be due (global)
+--   KEYS[2]          stats     HASH   live_sessions, present_users over all documents (global)
+--   KEYS[3]          top       ZSET   document -> users present, for `top` (global)
+--   KEYS[4]          outboxes  SET    documents whose snapshot outbox is not empty (global)
+--   KEYS[4+8i+1]     users     SET    users present in the document                     (public)
+--   KEYS[4+8i+2]     count     STRING SCARD of users, absent when 0                      (public)
+--   KEYS[4+8i+3]     sessions  HASH   "<user>\31<session>" -> session record             (internal)
+--   KEYS[4+8i+4]     live      HASH   user -> number of live sessions                    (internal)
+--   KEYS[4+8i+5]     ended     ZSET   "<user>\31<session>" -> server ms it ended         (internal)
+--   KEYS[4+8i+6]     alive     ZSET   "<user>\31<session>" -> server ms of last refresh  (internal)
+--   KEYS[4+8i+7]     snapshot  HASH   latest snapshot request and threshold arming      (public)
+--   KEYS[4+8i+8]     outbox    LIST   snapshot requests not yet in the snapshot stream  (internal)
+-- ARGV[1] history_ms, ARGV[2] ttl_ms (0: sessions never expire),
+-- ARGV[3] options, a MessagePack map: t (snapshot thresholds, ascending), h (hysteresis),
+--   c (cooldown ms, 0: none), e (1: a request when a document empties), u (most users listed in
+--   a request), p (1: publish membership changes), cp (change feed channel prefix: the channel is
+--   cp .. doc .. "}:presence").
 --
--- A session record is a MessagePack map: l (1 live, 0 ended), q (seq of the deciding event as a
--- decimal string, absent when none), m/s (its stream id ms/seq parts, decimal strings), i (its
--- event id), t (server ms it was applied, or ended), x (1 when ended by expiry), and for meta
--- mq/mm/ms (version of the event that last wrote meta) and d (meta, MessagePack bytes).
+-- A session record is a MessagePack map: l (1 live, 0 ended), m/s (stream id ms and sequence of the
+-- deciding event, numbers), q (its seq as a decimal string, absent when none), i (a 32-bit hash of
+-- its event id), x (1 when ended by expiry), and, once an event wrote meta: mm/ms/mq (that event's
+-- version) and d (the meta map, MessagePack bytes; absent after a leave).
 
 local history = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local doc = ARGV[3]
+local opts = cmsgpack.unpack(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local before = redis.call('SCARD', KEYS[1])
-local opts = cmsgpack.unpack(ARGV[4])
+
+-- Totals and index changes over every document of this call, written once at the end.
+local d_sessions, d_users = 0, 0
+local top_set, top_del, due_nx, due_set, due_del = {}, {}, {}, {}, {}
+
+-- The document being changed (set by begin_doc).
+local K, doc, before, present = 0, '', 0, 0
+local ended_touched, went_live = false, false
 -- The event that changed membership last (set by the calling script), and why users leave.
 local cause_event, cause_entry, left_reason = '', '', 'leave'
-local present = before
+-- Whether the expiry due time must be exact (expire, repair) or may be early (apply).
+local exact_due = false
 
--- Publishes one membership change on the document's sharded channel.
-local function feed(user, change)
-  if opts.p ~= 1 then return end
-  local msg = {v = 1, doc = doc, user = user, change = change, count = present, at = now}
-  if change == 'left' then msg.reason = left_reason end
-  redis.call('SPUBLISH', opts.ch, cmsgpack.pack(msg))
+local function begin_doc(i, id)
+  K, doc = 4 + 8 * i, id
+  before = redis.call('SCARD', KEYS[K + 1])
+  present = before
+  ended_touched, went_live = false, false
+  cause_event, cause_entry = '', ''
 end
 
 -- Decimal strings without leading zeros compare by length, then lexically: exact for any u64.
@@ -55,42 +63,49 @@ end
 local function newer(q1, m1, s1, q2, m2, s2)
   if q1 ~= '' and q2 ~= nil then
     if q1 ~= q2 then return gt(q1, q2) end
-    if m1 ~= m2 then return gt(m2, m1) end
-    return gt(s2, s1)
+    if m1 ~= m2 then return m1 < m2 end
+    return s1 < s2
   end
-  if m1 ~= m2 then return gt(m1, m2) end
-  return gt(s1, s2)
+  if m1 ~= m2 then return m1 > m2 end
+  return s1 > s2
 end
 
--- A session became live (or was refreshed while live).
-local function session_live(field, user, was_live)
+-- Publishes one membership change on the document's sharded channel.
+local function feed(user, change)
+  if opts.p ~= 1 then return end
+  local msg = {v = 1, doc = doc, user = user, change = change, count = present, at = now}
+  if change == 'left' then msg.reason = left_reason end
+  redis.call('SPUBLISH', opts.cp .. doc .. '}:presence', cmsgpack.pack(msg))
+end
+
+-- A session became live, or was refreshed while live. `tombstone`: it had ended before.
+local function session_live(field, user, was_live, tombstone)
   if not was_live then
-    if redis.call('HINCRBY', KEYS[4], user, 1) == 1 then
-      redis.call('SADD', KEYS[1], user)
-      redis.call('HINCRBY', KEYS[8], 'present_users', 1)
-      present = present + 1
+    if redis.call('HINCRBY', KEYS[K + 4], user, 1) == 1 then
+      redis.call('SADD', KEYS[K + 1], user)
+      d_users, present = d_users + 1, present + 1
       feed(user, 'joined')
     end
-    redis.call('ZREM', KEYS[5], field)
-    redis.call('HINCRBY', KEYS[8], 'live_sessions', 1)
+    if tombstone then redis.call('ZREM', KEYS[K + 5], field) end
+    d_sessions, went_live = d_sessions + 1, true
   end
-  if ttl > 0 then redis.call('ZADD', KEYS[6], now, field) end
+  if ttl > 0 then redis.call('ZADD', KEYS[K + 6], now, field) end
 end
 
--- A session ended (leave or expiry); it stays as ordering history.
+-- A session ended (leave or expiry); its record stays as ordering history.
 local function session_ended(field, user, was_live)
   if was_live then
-    if redis.call('HINCRBY', KEYS[4], user, -1) <= 0 then
-      redis.call('HDEL', KEYS[4], user)
-      redis.call('SREM', KEYS[1], user)
-      redis.call('HINCRBY', KEYS[8], 'present_users', -1)
-      present = present - 1
+    if redis.call('HINCRBY', KEYS[K + 4], user, -1) <= 0 then
+      redis.call('HDEL', KEYS[K + 4], user)
+      redis.call('SREM', KEYS[K + 1], user)
+      d_users, present = d_users - 1, present - 1
       feed(user, 'left')
     end
-    redis.call('HINCRBY', KEYS[8], 'live_sessions', -1)
-    if ttl > 0 then redis.call('ZREM', KEYS[6], field) end
+    d_sessions = d_sessions - 1
+    if ttl > 0 then redis.call('ZREM', KEYS[K + 6], field) end
   end
-  redis.call('ZADD', KEYS[5], now, field)
+  redis.call('ZADD', KEYS[K + 5], now, field)
+  ended_touched = true
 end
 
 -- Decides on a snapshot request for the count this step produced, and queues it in the outbox.
@@ -99,7 +114,7 @@ end
 local function snapshot(after)
   local thresholds = opts.t
   if #thresholds == 0 and opts.e ~= 1 then return '' end
-  local st = redis.call('HMGET', KEYS[10], 'disarmed', 'last_at')
+  local st = redis.call('HMGET', KEYS[K + 7], 'disarmed', 'last_at')
   local disarmed = {}
   for v in string.gmatch(st[1] or '', '%d+') do disarmed[tonumber(v)] = true end
   for th in pairs(disarmed) do
@@ -122,61 +137,87 @@ local function snapshot(after)
   for th in pairs(disarmed) do list[#list + 1] = th end
   table.sort(list)
   local armed = table.concat(list, ',')
-  if armed ~= (st[1] or '') then redis.call('HSET', KEYS[10], 'disarmed', armed) end
+  if armed ~= (st[1] or '') then redis.call('HSET', KEYS[K + 7], 'disarmed', armed) end
   if not reason then return '' end
-  local users = redis.call('SMEMBERS', KEYS[1])
+  local users = redis.call('SMEMBERS', KEYS[K + 1])
   table.sort(users)
   while #users > opts.u do table.remove(users) end
-  local n = redis.call('HINCRBY', KEYS[10], 'emitted', 1)
+  local n = redis.call('HINCRBY', KEYS[K + 7], 'emitted', 1)
   local id = redis.sha1hex(doc .. '\31' .. n .. '\31' .. now)
   local request = cmsgpack.pack({
     v = 1, snapshot_id = id, doc = doc, reason = reason, threshold = threshold, count = after,
     users = users, cause = {event_id = cause_event, entry_id = cause_entry}, at = now,
   })
-  redis.call('RPUSH', KEYS[11], request)
-  redis.call('SADD', KEYS[12], doc)
-  redis.call('HSET', KEYS[10], 'snapshot_id', id, 'reason', reason, 'threshold', threshold,
+  redis.call('RPUSH', KEYS[K + 8], request)
+  redis.call('SADD', KEYS[4], doc)
+  redis.call('HSET', KEYS[K + 7], 'snapshot_id', id, 'reason', reason, 'threshold', threshold,
     'count', after, 'at', now, 'cause_event_id', cause_event, 'cause_entry_id', cause_entry,
     'request', request)
-  if reason == 'threshold' then redis.call('HSET', KEYS[10], 'last_at', now) end
+  if reason == 'threshold' then redis.call('HSET', KEYS[K + 7], 'last_at', now) end
   return reason
 end
 
--- After the changes: the count, the lifetime of the history, the document's expiry due time and
+-- After a document's changes: its count, the lifetime of its history, its expiry due time and
 -- its snapshot request. Returns the snapshot reason ('' for none).
-local function finish()
-  local after = redis.call('SCARD', KEYS[1])
+local function finish_doc()
+  local after = redis.call('SCARD', KEYS[K + 1])
   if after == 0 then
     -- Nobody is here: only ordering history remains, and it goes once it is old enough.
-    redis.call('DEL', KEYS[2])
-    if before ~= 0 then redis.call('ZREM', KEYS[9], doc) end
-    redis.call('PEXPIRE', KEYS[3], history)
-    redis.call('PEXPIRE', KEYS[5], history)
-    redis.call('PEXPIRE', KEYS[10], history)
+    if before ~= 0 then
+      redis.call('DEL', KEYS[K + 2])
+      top_del[#top_del + 1] = doc
+    end
+    if ttl > 0 then due_del[#due_del + 1] = doc end
+    redis.call('PEXPIRE', KEYS[K + 3], history)
+    redis.call('PEXPIRE', KEYS[K + 5], history)
+    redis.call('PEXPIRE', KEYS[K + 7], history)
   else
     if after ~= before then
-      redis.call('SET', KEYS[2], after)
-      redis.call('ZADD', KEYS[9], after, doc)
+      redis.call('SET', KEYS[K + 2], after)
+      top_set[#top_set + 1] = after
+      top_set[#top_set + 1] = doc
     end
     if before == 0 then
-      redis.call('PERSIST', KEYS[3])
-      redis.call('PERSIST', KEYS[5])
-      redis.call('PERSIST', KEYS[10])
+      redis.call('PERSIST', KEYS[K + 3])
+      redis.call('PERSIST', KEYS[K + 5])
+      redis.call('PERSIST', KEYS[K + 7])
     end
-    -- Prune the history of sessions that ended long ago, a few per call.
-    local old = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now - history, 'LIMIT', 0, 64)
-    if #old > 0 then
-      redis.call('HDEL', KEYS[3], unpack(old))
-      redis.call('ZREM', KEYS[5], unpack(old))
+    if ended_touched or went_live then
+      -- Prune the history of sessions that ended long ago, a few at a time, whenever sessions
+      -- start or end here (not on every heartbeat).
+      local old = redis.call('ZRANGEBYSCORE', KEYS[K + 5], '-inf', now - history, 'LIMIT', 0, 64)
+      if #old > 0 then
+        redis.call('HDEL', KEYS[K + 3], unpack(old))
+        redis.call('ZREM', KEYS[K + 5], unpack(old))
+      end
     end
-  end
-  if ttl > 0 then
-    local first = redis.call('ZRANGE', KEYS[6], 0, 0, 'WITHSCORES')
-    if first[2] then
-      redis.call('ZADD', KEYS[7], tonumber(first[2]) + ttl, doc)
-    else
-      redis.call('ZREM', KEYS[7], doc)
+    if ttl > 0 then
+      if exact_due then
+        local first = redis.call('ZRANGE', KEYS[K + 6], 0, 0, 'WITHSCORES')
+        if first[2] then
+          due_set[#due_set + 1] = tonumber(first[2]) + ttl
+          due_set[#due_set + 1] = doc
+        else
+          due_del[#due_del + 1] = doc
+        end
+      elseif went_live then
+        -- A new live session is due at now + ttl at the earliest: an existing (earlier) due
+        -- time stays. The index may be early, never late: expiry sets the exact time.
+        due_nx[#due_nx + 1] = now + ttl
+        due_nx[#due_nx + 1] = doc
+      end
     end
   end
   return snapshot(after)
+end
+
+-- Writes the totals and index changes of the whole call.
+local function finish_call()
+  if d_sessions ~= 0 then redis.call('HINCRBY', KEYS[2], 'live_sessions', d_sessions) end
+  if d_users ~= 0 then redis.call('HINCRBY', KEYS[2], 'present_users', d_users) end
+  if #top_del > 0 then redis.call('ZREM', KEYS[3], unpack(top_del)) end
+  if #top_set > 0 then redis.call('ZADD', KEYS[3], unpack(top_set)) end
+  if #due_del > 0 then redis.call('ZREM', KEYS[1], unpack(due_del)) end
+  if #due_set > 0 then redis.call('ZADD', KEYS[1], unpack(due_set)) end
+  if #due_nx > 0 then redis.call('ZADD', KEYS[1], 'NX', unpack(due_nx)) end
 end

@@ -1,5 +1,5 @@
 -- repair.lua: checks one document's derived state against its session records and, with
--- ARGV[5] = "1", rebuilds it, in one atomic step.
+-- ARGV[4] = "1", rebuilds it, in one atomic step. ARGV[5] is the document id.
 -- (common.lua is prepended: it documents KEYS, ARGV[1..3] and the session record.)
 --
 -- The session records are the truth. From them follow: the users set (users with a live
@@ -8,11 +8,13 @@
 --
 -- Returns the problems found, one readable line each (empty: consistent).
 
-local fix = ARGV[5] == '1'
+local fix = ARGV[4] == '1'
+exact_due = true
+begin_doc(0, ARGV[5])
 local problems = {}
 local function say(msg) problems[#problems + 1] = msg end
 
-local records = redis.call('HGETALL', KEYS[3])
+local records = redis.call('HGETALL', KEYS[K + 3])
 local want_live = {}      -- user -> live sessions
 local want_alive = {}     -- field -> true for live sessions
 local nlive = 0
@@ -27,7 +29,7 @@ for i = 1, #records, 2 do
   end
 end
 
-local users = redis.call('SMEMBERS', KEYS[1])
+local users = redis.call('SMEMBERS', KEYS[K + 1])
 local in_set = {}
 for _, u in ipairs(users) do
   in_set[u] = true
@@ -38,11 +40,11 @@ for u, n in pairs(want_live) do
   nwant = nwant + 1
   if not in_set[u] then say('user ' .. u .. ' has ' .. n .. ' live session(s) but is not in the users set') end
 end
-local count = redis.call('GET', KEYS[2])
+local count = redis.call('GET', KEYS[K + 2])
 if (tonumber(count) or 0) ~= #users or (count and #users == 0) then
   say('count is ' .. tostring(count) .. ' but the users set has ' .. #users)
 end
-local live = redis.call('HGETALL', KEYS[4])
+local live = redis.call('HGETALL', KEYS[K + 4])
 local had_live = 0
 local seen = {}
 for i = 1, #live, 2 do
@@ -57,7 +59,7 @@ for u, n in pairs(want_live) do
   if not seen[u] then say('live count of ' .. u .. ' is missing, the sessions say ' .. n) end
 end
 if ttl > 0 then
-  local alive = redis.call('ZRANGE', KEYS[6], 0, -1)
+  local alive = redis.call('ZRANGE', KEYS[K + 6], 0, -1)
   local indexed = {}
   for _, f in ipairs(alive) do
     indexed[f] = true
@@ -69,24 +71,24 @@ if ttl > 0 then
 end
 
 if fix and #problems > 0 then
-  redis.call('DEL', KEYS[1], KEYS[4])
+  redis.call('DEL', KEYS[K + 1], KEYS[K + 4])
   for u, n in pairs(want_live) do
-    redis.call('SADD', KEYS[1], u)
-    redis.call('HSET', KEYS[4], u, n)
+    redis.call('SADD', KEYS[K + 1], u)
+    redis.call('HSET', KEYS[K + 4], u, n)
   end
   if ttl > 0 then
-    for _, f in ipairs(redis.call('ZRANGE', KEYS[6], 0, -1)) do
-      if not want_alive[f] then redis.call('ZREM', KEYS[6], f) end
+    for _, f in ipairs(redis.call('ZRANGE', KEYS[K + 6], 0, -1)) do
+      if not want_alive[f] then redis.call('ZREM', KEYS[K + 6], f) end
     end
-    for f in pairs(want_alive) do redis.call('ZADD', KEYS[6], 'NX', now, f) end
+    for f in pairs(want_alive) do redis.call('ZADD', KEYS[K + 6], 'NX', now, f) end
   end
-  redis.call('HINCRBY', KEYS[8], 'present_users', nwant - #users)
-  redis.call('HINCRBY', KEYS[8], 'live_sessions', nlive - had_live)
+  d_users, d_sessions = nwant - #users, nlive - had_live
   if nwant > 0 then
-    redis.call('PERSIST', KEYS[3])
-    redis.call('PERSIST', KEYS[5])
+    redis.call('PERSIST', KEYS[K + 3])
+    redis.call('PERSIST', KEYS[K + 5])
   end
-  before = -1 -- make finish() rewrite the count and the indexes
-  finish()
+  before = -1 -- make finish_doc() rewrite the count and the indexes
+  finish_doc()
+  finish_call()
 end
 return problems
