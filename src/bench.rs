@@ -74,17 +74,29 @@ impl Zipf {
     }
 }
 
-/// The workload generator: each user mostly stays in "their" document.
+/// The workload generator: each user has a home document (Zipf-distributed, so a few documents
+/// are crowded and most are quiet) where 95% of their events go.
 struct Workload {
     rng: SmallRng,
     zipf: Zipf,
-    users: usize,
+    home: Vec<usize>,
 }
 
 impl Workload {
+    fn new(seed: u64, docs: usize, users: usize) -> Self {
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let zipf = Zipf::new(docs);
+        let home = (0..users).map(|_| zipf.sample(&mut rng)).collect();
+        Self { rng, zipf, home }
+    }
+
     fn next(&mut self) -> Event {
-        let user = self.rng.random_range(0..self.users);
-        let doc = self.zipf.sample(&mut self.rng);
+        let user = self.rng.random_range(0..self.home.len());
+        let doc = if self.rng.random_bool(0.95) {
+            self.home[user]
+        } else {
+            self.zipf.sample(&mut self.rng)
+        };
         let kind = match self.rng.random_range(0..100) {
             0..20 => EventType::Join,
             20..90 => EventType::Heartbeat,
@@ -108,11 +120,7 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
     let client = crate::connection::client(&url)?;
     let mut con = crate::connection::manager(&client, Duration::from_secs(30)).await?;
     let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
-    let mut gen = Workload {
-        rng: SmallRng::seed_from_u64(args.seed),
-        zipf: Zipf::new(args.docs),
-        users: args.users,
-    };
+    let mut gen = Workload::new(args.seed, args.docs, args.users);
     let mut model = Model::default();
     println!(
         "bench: {} events, {} documents (Zipf 1.1), {} users x 2 sessions",
