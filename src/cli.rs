@@ -289,6 +289,21 @@ pub struct RunArgs {
     /// On SIGTERM/SIGINT, how long the batch in hand may still take.
     #[arg(long, env = "PRESENCE_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,
+    /// Largest entry accepted, field names and values together (bytes); larger: dead letter.
+    #[arg(long, env = "PRESENCE_MAX_ENTRY_BYTES", default_value_t = 64 * 1024)]
+    pub max_entry_bytes: usize,
+    /// Most fields in one entry.
+    #[arg(long, env = "PRESENCE_MAX_FIELDS", default_value_t = 64)]
+    pub max_fields: usize,
+    /// Longest doc, user or session id (bytes).
+    #[arg(long, env = "PRESENCE_MAX_ID_BYTES", default_value_t = 256)]
+    pub max_id_bytes: usize,
+    /// Largest `meta`, MessagePack-encoded (bytes).
+    #[arg(long, env = "PRESENCE_MAX_META_BYTES", default_value_t = 1024)]
+    pub max_meta_bytes: usize,
+    /// Most keys in `meta`.
+    #[arg(long, env = "PRESENCE_MAX_META_KEYS", default_value_t = 16)]
+    pub max_meta_keys: usize,
 }
 
 /// `--http-addr`: an address, or `off`.
@@ -332,6 +347,14 @@ impl RunArgs {
         c.consumer_idle = self.consumer_idle;
         c.retain = self.retain;
         c.drain_timeout = self.drain_timeout;
+        c.limits = crate::limits::Limits {
+            max_entry_bytes: self.max_entry_bytes,
+            max_fields: self.max_fields,
+            max_id_len: self.max_id_bytes,
+            max_meta_bytes: self.max_meta_bytes,
+            max_meta_keys: self.max_meta_keys,
+            ..Default::default()
+        };
         c.http_addr = self.http_addr.0;
         c.snapshots = crate::snapshot::SnapshotConfig {
             thresholds: self.snapshot_thresholds.clone(),

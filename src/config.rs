@@ -140,6 +140,14 @@ impl WorkerConfig {
             ));
         }
         self.breaker.validate()?;
+        let l = &self.limits;
+        if l.max_entry_bytes < 64 || l.max_fields < 2 || l.max_id_len == 0 || l.max_meta_keys == 0 {
+            return bad(format!(
+                "limits too small to accept any event: --max-entry-bytes {} (>= 64), --max-fields {} (>= 2), \
+                 --max-id-bytes {} (>= 1), --max-meta-keys {} (>= 1)",
+                l.max_entry_bytes, l.max_fields, l.max_id_len, l.max_meta_keys
+            ));
+        }
         if self.history < Duration::from_secs(1) {
             return bad(format!("--history {:?} must be at least 1s", self.history));
         }
