@@ -96,7 +96,9 @@ fn describe_connect(url: &str, e: &redis::RedisError) -> String {
              trust store, and name the host of the URL)"
         );
     }
-    if url.starts_with("rediss://") && e.is_connection_dropped() {
+    if url.starts_with("rediss://")
+        && (e.is_connection_dropped() || text.contains("CertificateRequired"))
+    {
         // TLS 1.3 servers check the client's certificate after the handshake, then hang up.
         return format!(
             "{text} (the server closed the TLS connection: if it requires client certificates, \

@@ -46,7 +46,7 @@ for di = 0, tonumber(ARGV[4]) - 1 do
     end
     out[k] = outcome
     if dirty then
-      cause_event, cause_entry = lid, string.format('%d-%d', lms, lss)
+      cause_event, cause_ms, cause_seq = lid, lms, lss
       if r.l == 1 then
         -- A stale event that only brought newer meta does not refresh the session.
         if outcome ~= 1 then session_live(field, user, was_live, raw ~= nil) end

@@ -39,7 +39,9 @@ local top_set, top_del, due_nx, due_set, due_del = {}, {}, {}, {}, {}
 local K, doc, before, present = 0, '', 0, 0
 local ended_touched, went_live = false, false
 -- The event that changed membership last (set by the calling script), and why users leave.
+-- (cause_ms/cause_seq: its stream id, formatted only when a snapshot request needs it.)
 local cause_event, cause_entry, left_reason = '', '', 'leave'
+local cause_ms, cause_seq = nil, nil
 -- Whether the expiry due time must be exact (expire, repair) or may be early (apply).
 local exact_due = false
 
@@ -48,7 +50,7 @@ local function begin_doc(i, id)
   before = redis.call('SCARD', KEYS[K + 1])
   present = before
   ended_touched, went_live = false, false
-  cause_event, cause_entry = '', ''
+  cause_event, cause_entry, cause_ms, cause_seq = '', '', nil, nil
 end
 
 -- Decimal strings without leading zeros compare by length, then lexically: exact for any u64.
@@ -139,6 +141,7 @@ local function snapshot(after)
   local armed = table.concat(list, ',')
   if armed ~= (st[1] or '') then redis.call('HSET', KEYS[K + 7], 'disarmed', armed) end
   if not reason then return '' end
+  if cause_ms then cause_entry = string.format('%d-%d', cause_ms, cause_seq) end
   local users = redis.call('SMEMBERS', KEYS[K + 1])
   table.sort(users)
   while #users > opts.u do table.remove(users) end
