@@ -176,14 +176,7 @@ async fn redelivery_and_group_replay_change_nothing() {
     }
     let applied = w.stats.applied.load(Ordering::Relaxed);
     // Replay the whole group from the start: every entry is delivered again.
-    let _: () = redis::cmd("XGROUP")
-        .arg("SETID")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    common::replay_group(&mut con, STREAM, GROUP).await;
     wait_drained(&mut con, STREAM, GROUP).await;
     for (d, b) in docs.iter().zip(&before) {
         assert_eq!(&state(&mut con, d).await, b, "replay changed {d}");

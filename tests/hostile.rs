@@ -142,10 +142,7 @@ async fn crafted_ids_touch_only_their_own_keys() {
             &d.snapshot,
             &d.outbox,
         ];
-        assert!(
-            own.contains(&k),
-            "{k:?} is not one of {doc:?}'s keys"
-        );
+        assert!(own.contains(&k), "{k:?} is not one of {doc:?}'s keys");
     }
     for (key, kind) in [(&g.expiry, "zset"), (&g.stats, "hash"), (&g.top, "zset")] {
         let t: String = redis::cmd("TYPE")

@@ -33,30 +33,15 @@ async fn check(server: &RedisServer, seed: u64, live_producer: bool) {
     }
     wait_drained(&mut con, STREAM, GROUP).await;
     assert_state(&mut con, "sessions", &model).await;
-    let dead: usize = redis::cmd("XLEN")
-        .arg("sessions:events:dead")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let dead = common::xlen(&mut con, "sessions:events:dead").await;
     assert_eq!(dead, bad, "every malformed entry is dead-lettered, once");
 
     // Replay the whole group: the state may not change. (Malformed entries are dead-lettered
     // again: each delivery of bad input is reported.)
-    let _: () = redis::cmd("XGROUP")
-        .arg("SETID")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    common::replay_group(&mut con, STREAM, GROUP).await;
     wait_drained(&mut con, STREAM, GROUP).await;
     assert_state(&mut con, "sessions", &model).await;
-    let dead: usize = redis::cmd("XLEN")
-        .arg("sessions:events:dead")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let dead = common::xlen(&mut con, "sessions:events:dead").await;
     assert_eq!(dead, 2 * bad);
     let applied: u64 = workers
         .iter()

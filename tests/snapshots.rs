@@ -250,14 +250,7 @@ async fn concurrent_workers_and_replays_emit_no_duplicate_crossing() {
         }
     }
     // A replay of the whole group redelivers every crossing event: nothing new.
-    let _: () = redis::cmd("XGROUP")
-        .arg("SETID")
-        .arg(STREAM)
-        .arg(GROUP)
-        .arg("0")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    common::replay_group(&mut con, STREAM, GROUP).await;
     wait_drained(&mut con, STREAM, GROUP).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(requests(&mut con).await.len(), before.len());

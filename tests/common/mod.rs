@@ -370,3 +370,25 @@ pub async fn read_as(
         .map(|e| e.id.to_string())
         .collect()
 }
+
+/// Replays the whole group from the start (`XGROUP SETID <stream> <group> 0`): every entry is
+/// delivered again.
+pub async fn replay_group(con: &mut ConnectionManager, stream: &str, group: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg("SETID")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .query_async(con)
+        .await
+        .expect("XGROUP SETID");
+}
+
+/// `XLEN key`.
+pub async fn xlen(con: &mut ConnectionManager, key: &str) -> usize {
+    redis::cmd("XLEN")
+        .arg(key)
+        .query_async(con)
+        .await
+        .expect("XLEN")
+}
