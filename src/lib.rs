@@ -16,7 +16,7 @@
 //! Beside them: [`config`], [`error`], [`keys`] (every key name), [`metrics`] (every metric) and
 //! [`http`] (health and metrics endpoints), [`connection`], [`produce`]
 //! (the producer API), [`inspect`] (reading state back), [`dlq`] (dead letters), [`ops`]
-//! (status, top, repair), [`follow`] (`snapshots`, `watch`), [`bench`], [`cli`] and
+//! (status, top, repair), [`follow`] (`snapshots`, `watch`), [`bench`], [`cli`] (flags) and [`commands`] and
 //! [`demo`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -27,6 +27,7 @@ pub mod bench;
 pub mod breaker;
 pub mod cli;
 pub mod coalesce;
+pub mod commands;
 pub mod config;
 pub mod connection;
 pub mod demo;

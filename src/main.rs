@@ -15,7 +15,7 @@ async fn main() -> std::process::ExitCode {
         LogFormat::Json => builder.json().init(),
         LogFormat::Pretty => builder.init(),
     }
-    match presence_worker::cli::execute(cli).await {
+    match presence_worker::commands::execute(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!(
