@@ -34,6 +34,7 @@ pub struct Health {
 }
 
 /// Binds `addr` and serves until `shutdown`; returns the bound address (useful with port 0).
+/// An address already in use is an [`Error::Io`] of kind `AddrInUse`.
 pub async fn serve(
     addr: SocketAddr,
     health: Arc<Health>,
@@ -41,7 +42,10 @@ pub async fn serve(
 ) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| Error::Config(format!("--http-addr {addr}: cannot listen: {e}")))?;
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AddrInUse => Error::Io(e),
+            _ => Error::Config(format!("--http-addr {addr}: cannot listen: {e}")),
+        })?;
     let bound = listener.local_addr()?;
     let app = Router::new()
         .route("/metrics", get(metrics))

@@ -114,8 +114,17 @@ pub async fn run_with_stats(
             breaker: breaker.clone(),
             metrics: handle,
         });
-        let bound = crate::http::serve(addr, health, shutdown.clone()).await?;
-        let _ = stats.http_addr.set(bound);
+        match crate::http::serve(addr, health, shutdown.clone()).await {
+            Ok(bound) => {
+                let _ = stats.http_addr.set(bound);
+            }
+            // Several replicas on one host (a laptop, a test) share the default port: the worker
+            // matters more than its metrics, so it runs, and says how to expose them.
+            Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                tracing::warn!(%addr, "HTTP listener not started: address in use (give each replica its own --http-addr)");
+            }
+            Err(e) => return Err(e),
+        }
     }
     let flusher = Flusher::new(Keys::new(&config.prefix), &config.snapshots.stream);
     let mut worker = Worker {
