@@ -164,7 +164,10 @@ pub async fn execute(cli: Cli) -> Result<()> {
             let (h, t) = (history.as_millis() as u64, session_ttl.as_millis() as u64);
             let report =
                 crate::ops::repair(&mut con, &keys, h, t, fix, crate::ops::print_progress).await?;
-            eprintln!("\rchecked {} documents", report.documents);
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                eprintln!();
+            }
+            eprintln!("checked {} documents", report.documents);
             for (doc, problems) in &report.broken {
                 for p in problems {
                     println!("{doc}: {p}");

@@ -186,14 +186,15 @@ pub struct RepairReport {
 }
 
 /// Walks every document (SCAN, never a blocking KEYS), checking each against its session records
-/// and, with `fix`, rebuilding it atomically. `progress` is told the documents done so far.
+/// and, with `fix`, rebuilding it atomically. `progress` is told the documents done so far and
+/// the total.
 pub async fn repair(
     con: &mut ConnectionManager,
     keys: &Keys,
     history_ms: u64,
     ttl_ms: u64,
     fix: bool,
-    mut progress: impl FnMut(u64),
+    mut progress: impl FnMut(u64, u64),
 ) -> Result<RepairReport> {
     let mut docs = std::collections::BTreeSet::new();
     for pattern in [keys.sessions_pattern(), keys.users_pattern()] {
@@ -216,6 +217,7 @@ pub async fn repair(
         fixed: fix,
         ..Default::default()
     };
+    let total = docs.len() as u64;
     for doc in docs {
         let mut inv = script.prepare_invoke();
         for key in globals
@@ -232,7 +234,7 @@ pub async fn repair(
         inv.arg(if fix { "1" } else { "0" }).arg(&doc);
         let problems: Vec<String> = inv.invoke_async(con).await?;
         report.documents += 1;
-        progress(report.documents);
+        progress(report.documents, total);
         if !problems.is_empty() {
             report.broken.push((doc, problems));
         }
@@ -240,10 +242,18 @@ pub async fn repair(
     Ok(report)
 }
 
-/// A progress line on stderr, rewritten in place.
-pub fn print_progress(done: u64) {
-    if done.is_multiple_of(100) {
-        eprint!("\rchecked {done} documents");
-        let _ = std::io::stderr().flush();
+/// A progress bar on stderr, rewritten in place (only when stderr is a terminal).
+pub fn print_progress(done: u64, total: u64) {
+    use std::io::IsTerminal as _;
+    if !std::io::stderr().is_terminal() || (done != total && !done.is_multiple_of(50)) {
+        return;
     }
+    let width = 30;
+    let filled = (done * width / total.max(1)) as usize;
+    eprint!(
+        "\r[{}{}] {done}/{total} documents",
+        "#".repeat(filled),
+        " ".repeat(width as usize - filled)
+    );
+    let _ = std::io::stderr().flush();
 }
