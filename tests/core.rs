@@ -591,3 +591,47 @@ async fn a_deleted_group_or_stream_is_created_again() {
     assert_eq!(state(&mut con, "d").await.users, ["back"]);
     w.stop().await;
 }
+
+#[tokio::test]
+async fn a_refused_document_in_a_multi_document_call_leaves_the_others_complete() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    // "m-broken" sorts after the others within one script call; its users key has the wrong type.
+    let _: () = redis::cmd("SET")
+        .arg("sessions:doc:{m-broken}:users")
+        .arg("x")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut events: Vec<Event> = (0..5)
+        .map(|d| ev(EventType::Join, &format!("m{d}"), "u", None))
+        .collect();
+    events.push(ev(EventType::Join, "m-broken", "u", None));
+    publish(&server, &events).await;
+    let w = drain(&server).await;
+    for d in 0..5 {
+        assert_eq!(state(&mut con, &format!("m{d}")).await.users, ["u"]);
+    }
+    // The totals and the indexes count the five documents exactly once.
+    let live: i64 = redis::cmd("HGET")
+        .arg("sessions:stats")
+        .arg("live_sessions")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(live, 5);
+    let top: i64 = redis::cmd("ZCARD")
+        .arg("sessions:top")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(top, 5);
+    let due: i64 = redis::cmd("ZCARD")
+        .arg("sessions:expiry")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(due, 5, "every document with live sessions can expire");
+    assert_eq!(common::xlen(&mut con, "sessions:events:dead").await, 1);
+    w.stop().await;
+}

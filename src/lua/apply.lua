@@ -58,5 +58,4 @@ for di = 0, tonumber(ARGV[4]) - 1 do
   end
   results[di + 1] = {out, finish_doc()}
 end
-finish_call()
 return results

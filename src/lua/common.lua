@@ -31,7 +31,7 @@ local opts = cmsgpack.unpack(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
--- Totals and index changes over every document of this call, written once at the end.
+-- The document's changes to the totals and global indexes, written by flush_globals().
 local d_sessions, d_users = 0, 0
 local top_set, top_del, due_nx, due_set, due_del = {}, {}, {}, {}, {}
 
@@ -160,6 +160,21 @@ local function snapshot(after)
   return reason
 end
 
+-- Writes the document's changes to the totals and the global indexes. Done per document, not
+-- once per call: if a later document of the same call fails (a key of the wrong type), the
+-- documents already changed are complete, and the retry finds them stale.
+local function flush_globals()
+  if d_sessions ~= 0 then redis.call('HINCRBY', KEYS[2], 'live_sessions', d_sessions) end
+  if d_users ~= 0 then redis.call('HINCRBY', KEYS[2], 'present_users', d_users) end
+  if #top_del > 0 then redis.call('ZREM', KEYS[3], unpack(top_del)) end
+  if #top_set > 0 then redis.call('ZADD', KEYS[3], unpack(top_set)) end
+  if #due_del > 0 then redis.call('ZREM', KEYS[1], unpack(due_del)) end
+  if #due_set > 0 then redis.call('ZADD', KEYS[1], unpack(due_set)) end
+  if #due_nx > 0 then redis.call('ZADD', KEYS[1], 'NX', unpack(due_nx)) end
+  d_sessions, d_users = 0, 0
+  top_set, top_del, due_nx, due_set, due_del = {}, {}, {}, {}, {}
+end
+
 -- After a document's changes: its count, the lifetime of its history, its expiry due time and
 -- its snapshot request. Returns the snapshot reason ('' for none).
 local function finish_doc()
@@ -211,16 +226,7 @@ local function finish_doc()
       end
     end
   end
-  return snapshot(after)
-end
-
--- Writes the totals and index changes of the whole call.
-local function finish_call()
-  if d_sessions ~= 0 then redis.call('HINCRBY', KEYS[2], 'live_sessions', d_sessions) end
-  if d_users ~= 0 then redis.call('HINCRBY', KEYS[2], 'present_users', d_users) end
-  if #top_del > 0 then redis.call('ZREM', KEYS[3], unpack(top_del)) end
-  if #top_set > 0 then redis.call('ZADD', KEYS[3], unpack(top_set)) end
-  if #due_del > 0 then redis.call('ZREM', KEYS[1], unpack(due_del)) end
-  if #due_set > 0 then redis.call('ZADD', KEYS[1], unpack(due_set)) end
-  if #due_nx > 0 then redis.call('ZADD', KEYS[1], 'NX', unpack(due_nx)) end
+  local reason = snapshot(after)
+  flush_globals()
+  return reason
 end

@@ -33,5 +33,4 @@ for di = 0, tonumber(ARGV[4]) - 1 do
   end
   results[di + 1] = {expired, finish_doc()}
 end
-finish_call()
 return results

@@ -89,6 +89,5 @@ if fix and #problems > 0 then
   end
   before = -1 -- make finish_doc() rewrite the count and the indexes
   finish_doc()
-  finish_call()
 end
 return problems
