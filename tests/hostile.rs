@@ -13,6 +13,22 @@ use presence_worker::{Event, EventType, Producer};
 
 const STREAM: &str = "sessions:events";
 
+/// Appends a flat-form join of user `x` to document `doc` (any bytes).
+async fn xadd_join(con: &mut redis::aio::ConnectionManager, doc: impl redis::ToRedisArgs) {
+    let _: String = redis::cmd("XADD")
+        .arg(STREAM)
+        .arg("*")
+        .arg("type")
+        .arg("join")
+        .arg("doc")
+        .arg(doc)
+        .arg("user")
+        .arg("x")
+        .query_async(con)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn crafted_ids_touch_only_their_own_keys() {
     let server = RedisServer::start();
@@ -52,18 +68,7 @@ async fn crafted_ids_touch_only_their_own_keys() {
         let mut e = Event::new(EventType::Join, *doc, format!("u{i}}}:users"));
         e.session = Some("tab}{*".into());
         p.publish(&e).await.unwrap();
-        let _: String = redis::cmd("XADD")
-            .arg(STREAM)
-            .arg("*")
-            .arg("type")
-            .arg("join")
-            .arg("doc")
-            .arg(*doc)
-            .arg("user")
-            .arg("x")
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        xadd_join(&mut con, *doc).await;
         valid.insert(doc.to_string());
     }
     // Invalid ids: dead-lettered with a reason.
@@ -75,18 +80,7 @@ async fn crafted_ids_touch_only_their_own_keys() {
         (b"a\x1fx".to_vec(), "control character"),
     ];
     for (doc, _) in &invalid {
-        let _: String = redis::cmd("XADD")
-            .arg(STREAM)
-            .arg("*")
-            .arg("type")
-            .arg("join")
-            .arg("doc")
-            .arg(doc)
-            .arg("user")
-            .arg("x")
-            .query_async(&mut con)
-            .await
-            .unwrap();
+        xadd_join(&mut con, doc).await;
     }
     wait_drained(&mut con, STREAM, "presence").await;
 
