@@ -18,7 +18,9 @@ use crate::config::WorkerConfig;
 use crate::connection;
 use crate::error::{Error, Result};
 use crate::keys::Keys;
-use crate::read::{self, ReadFrom};
+use std::collections::HashMap;
+
+use crate::read::{self, Entry, ReadFrom};
 use crate::retry;
 use crate::snapshot::Flusher;
 use crate::stream_id::StreamId;
@@ -221,8 +223,15 @@ impl Worker {
                         self.caught_up = entries.len() < self.config.batch;
                     }
                     let last = entries.last().map(|e| e.id).unwrap_or_default();
-                    match self.process(entries, pending.is_some()).await {
-                        Ok(()) => pending = pending.map(|_| last),
+                    let done = if pending.is_some() {
+                        self.process(entries, true).await.map(|()| true)
+                    } else {
+                        self.backlog(entries).await
+                    };
+                    match done {
+                        Ok(true) => pending = pending.map(|_| last),
+                        // A read ahead failed: whatever it delivered is in our pending list.
+                        Ok(false) => pending = Some(StreamId::default()),
                         Err(e) if retry::is_fatal(&e) => return Err(e),
                         Err(e) => {
                             tracing::warn!(error = %e, "batch left pending, it will be replayed");
@@ -296,6 +305,53 @@ impl Worker {
             if let Err(e) = self.process(entries, true).await {
                 tracing::warn!(error = %e, "pending entries left for the next run");
                 return;
+            }
+        }
+    }
+
+    /// Applies new entries; while reads come back full (a backlog), reads and decodes the next
+    /// batch while the current one is applied, so the worker's CPU and Redis's overlap. Order
+    /// does not matter for the result (each session is last-writer-wins), and every batch is
+    /// acknowledged only once applied. Returns false when a read ahead failed (its entries may
+    /// be in our pending list, to be replayed).
+    async fn backlog(&mut self, first: Vec<Entry>) -> Result<bool> {
+        let none = HashMap::new();
+        let c = &self.config;
+        let mut current = batch::prepare(first, &c.limits, c.max_deliveries, &none);
+        loop {
+            if current.size < self.config.batch || self.shutdown.is_cancelled() {
+                return self.commit(current, false).await.map(|()| true);
+            }
+            let c = &self.config;
+            let (limits, max, size) = (c.limits.clone(), c.max_deliveries, c.batch);
+            let (stream, group, consumer, block) = (
+                c.stream.clone(),
+                c.group.clone(),
+                c.consumer.clone(),
+                c.block,
+            );
+            let (mut con, breaker) = (self.read_con.clone(), self.breaker.clone());
+            let next = async move {
+                let from = ReadFrom::New(block);
+                let read = read::read(&mut con, &stream, &group, &consumer, size, from);
+                let entries = guard(&breaker, read).await?;
+                Ok::<_, Error>(batch::prepare(entries, &limits, max, &HashMap::new()))
+            };
+            let (done, next) = tokio::join!(self.commit(current, false), next);
+            done?;
+            current = match next {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::warn!(error = %e, "read failed");
+                    return Ok(false);
+                }
+            };
+            self.caught_up = current.size < self.config.batch;
+            if current.size == 0 {
+                return Ok(true);
+            }
+            if !self.shutdown.is_cancelled() {
+                self.periodic().await;
             }
         }
     }

@@ -1,5 +1,6 @@
 //! One batch: decode, coalesce, apply, acknowledge; and what each event's outcome was.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use tokio::time::Instant;
@@ -12,22 +13,83 @@ use crate::breaker::guard;
 use crate::coalesce::{coalesce, DocUpdate};
 use crate::error::{Error, Result};
 use crate::event::{decode_entry, Event, EventType};
+use crate::limits::Limits;
 use crate::read::{Entry, Fields};
 use crate::stream_id::StreamId;
 use crate::{metrics, reclaim, retry};
+
+/// A batch decoded and coalesced, ready to apply.
+pub(super) struct Prepared {
+    /// Entries read.
+    pub(super) size: usize,
+    ids: Vec<StreamId>,
+    events: Vec<(StreamId, Event)>,
+    raw: Vec<Fields>,
+    dead: Vec<DeadLetter>,
+    docs: Vec<DocUpdate>,
+    /// Pending entries whose payload had been trimmed away.
+    trimmed: u64,
+}
+
+/// Decodes and coalesces `entries` (no Redis, so it can run while another batch is applied).
+/// Entries delivered more than `max_deliveries` times (per `deliveries`) are dead-lettered.
+pub(super) fn prepare(
+    entries: Vec<Entry>,
+    limits: &Limits,
+    max_deliveries: u64,
+    deliveries: &HashMap<StreamId, u64>,
+) -> Prepared {
+    let size = entries.len();
+    let mut ids = Vec::with_capacity(size);
+    let mut events: Vec<(StreamId, Event)> = Vec::with_capacity(size);
+    let mut raw = Vec::with_capacity(size);
+    let mut dead = Vec::new();
+    let mut trimmed = 0;
+    for entry in entries {
+        ids.push(entry.id);
+        let Some(fields) = entry.fields else {
+            trimmed += 1;
+            continue;
+        };
+        let delivered = deliveries.get(&entry.id).copied().unwrap_or(1);
+        if delivered > max_deliveries {
+            dead.push(DeadLetter {
+                id: entry.id,
+                fields,
+                reason: format!("too many deliveries ({delivered})"),
+                class: "too_many_deliveries",
+            });
+            continue;
+        }
+        match decode_entry(entry.id, &fields, limits) {
+            Ok(ev) => {
+                events.push((entry.id, ev));
+                raw.push(fields);
+            }
+            Err(e) => dead.push(DeadLetter {
+                id: entry.id,
+                fields,
+                reason: reason(&e),
+                class: "invalid",
+            }),
+        }
+    }
+    let docs = coalesce(&events);
+    Prepared {
+        size,
+        ids,
+        events,
+        raw,
+        dead,
+        docs,
+        trimmed,
+    }
+}
 
 impl Worker {
     /// Decodes, applies and acknowledges one batch. Entries delivered before (replayed or
     /// reclaimed) are checked against `--max-deliveries` first.
     pub(super) async fn process(&mut self, entries: Vec<Entry>, redelivered: bool) -> Result<()> {
-        let span = tracing::info_span!("batch", size = entries.len(), redelivered);
-        self.process_in_span(entries, redelivered)
-            .instrument(span)
-            .await
-    }
-
-    async fn process_in_span(&mut self, entries: Vec<Entry>, redelivered: bool) -> Result<()> {
-        let size = entries.len();
         let deliveries = if redelivered {
             let c = &self.config;
             let counts = reclaim::delivery_counts(
@@ -39,42 +101,30 @@ impl Worker {
             );
             guard(&self.breaker, counts).await?
         } else {
-            Default::default()
+            HashMap::new()
         };
-        let mut ids = Vec::with_capacity(entries.len());
-        let mut events: Vec<(StreamId, Event)> = Vec::with_capacity(entries.len());
-        let mut raw = Vec::with_capacity(entries.len());
-        let mut dead = Vec::new();
-        for entry in entries {
-            ids.push(entry.id);
-            let Some(fields) = entry.fields else {
-                self.stats.trimmed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let delivered = deliveries.get(&entry.id).copied().unwrap_or(1);
-            if delivered > self.config.max_deliveries {
-                dead.push(DeadLetter {
-                    id: entry.id,
-                    fields,
-                    reason: format!("too many deliveries ({delivered})"),
-                    class: "too_many_deliveries",
-                });
-                continue;
-            }
-            match decode_entry(entry.id, &fields, &self.config.limits) {
-                Ok(ev) => {
-                    events.push((entry.id, ev));
-                    raw.push(fields);
-                }
-                Err(e) => dead.push(DeadLetter {
-                    id: entry.id,
-                    fields,
-                    reason: reason(&e),
-                    class: "invalid",
-                }),
-            }
-        }
-        let docs = coalesce(&events);
+        let c = &self.config;
+        let batch = prepare(entries, &c.limits, c.max_deliveries, &deliveries);
+        self.commit(batch, redelivered).await
+    }
+
+    /// Applies and acknowledges a prepared batch.
+    pub(super) async fn commit(&mut self, batch: Prepared, redelivered: bool) -> Result<()> {
+        let span = tracing::info_span!("batch", size = batch.size, redelivered);
+        self.commit_in_span(batch).instrument(span).await
+    }
+
+    async fn commit_in_span(&mut self, batch: Prepared) -> Result<()> {
+        let Prepared {
+            size,
+            ids,
+            events,
+            mut raw,
+            mut dead,
+            docs,
+            trimmed,
+        } = batch;
+        self.stats.trimmed.fetch_add(trimmed, Ordering::Relaxed);
         let started = Instant::now();
         let outcomes = self.apply(&docs, &events, &mut raw, &mut dead).await?;
         metrics::batch(size, started.elapsed());
