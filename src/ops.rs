@@ -11,7 +11,6 @@ use serde::Serialize;
 use crate::error::Result;
 use crate::keys::Keys;
 use crate::retention::{groups, GroupInfo};
-use crate::stream_id::StreamId;
 
 /// Checks (and with `fix`, rebuilds) one document (see the header of `lua/repair.lua`).
 const REPAIR_LUA: &str = concat!(
@@ -100,18 +99,7 @@ pub async fn status(
         last_delivered,
     } in found
     {
-        let summary: redis::Value = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(&name)
-            .query_async(con)
-            .await?;
-        let oldest = match &summary {
-            redis::Value::Array(parts) => match parts.get(1) {
-                Some(redis::Value::BulkString(b)) => StreamId::parse(b),
-                _ => None,
-            },
-            _ => None,
-        };
+        let oldest = crate::retention::oldest_pending(con, stream, &name).await?;
         let consumers: Vec<redis::Value> = redis::cmd("XINFO")
             .arg("CONSUMERS")
             .arg(stream)

@@ -23,17 +23,8 @@ pub async fn trim(con: &mut ConnectionManager, stream: &str, retain: Duration) -
         // Everything after the last delivered entry is still to be delivered.
         let next = g.last_delivered;
         cut = cut.min(StreamId::new(next.ms, next.seq.saturating_add(1)));
-        let summary: Value = redis::cmd("XPENDING")
-            .arg(stream)
-            .arg(&g.name)
-            .query_async(con)
-            .await?;
-        if let Value::Array(parts) = summary {
-            if let Some(Value::BulkString(b)) = parts.get(1) {
-                if let Some(oldest) = StreamId::parse(b) {
-                    cut = cut.min(oldest);
-                }
-            }
+        if let Some(oldest) = oldest_pending(con, stream, &g.name).await? {
+            cut = cut.min(oldest);
         }
     }
     let removed: u64 = redis::cmd("XTRIM")
@@ -44,6 +35,26 @@ pub async fn trim(con: &mut ConnectionManager, stream: &str, retain: Duration) -
         .query_async(con)
         .await?;
     Ok(removed)
+}
+
+/// The oldest entry `group` has delivered and not acknowledged (the `XPENDING` summary).
+pub async fn oldest_pending(
+    con: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<Option<StreamId>> {
+    let summary: Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(con)
+        .await?;
+    Ok(match summary {
+        Value::Array(parts) => match parts.get(1) {
+            Some(Value::BulkString(b)) => StreamId::parse(b),
+            _ => None,
+        },
+        _ => None,
+    })
 }
 
 /// One consumer group of a stream, from `XINFO GROUPS`.

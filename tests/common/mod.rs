@@ -266,47 +266,15 @@ pub async fn group_pending_lag(
     stream: &str,
     group: &str,
 ) -> (i64, i64) {
-    let groups: Vec<redis::Value> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(con)
+    let groups = presence_worker::retention::groups(con, stream)
         .await
         .unwrap_or_default();
-    for g in groups {
-        let fields: Vec<(String, redis::Value)> = match g {
-            redis::Value::Array(items) => items
-                .chunks(2)
-                .filter_map(|kv| {
-                    let k: String = redis::from_redis_value_ref(&kv[0]).ok()?;
-                    Some((k, kv[1].clone()))
-                })
-                .collect(),
-            redis::Value::Map(kv) => kv
-                .into_iter()
-                .filter_map(|(k, v)| Some((redis::from_redis_value_ref::<String>(&k).ok()?, v)))
-                .collect(),
-            _ => continue,
-        };
-        let get = |name: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.clone())
-        };
-        let name: Option<String> = get("name").and_then(|v| redis::from_redis_value_ref(&v).ok());
-        if name.as_deref() != Some(group) {
-            continue;
-        }
-        let num = |name: &str| -> i64 {
-            match get(name) {
-                Some(redis::Value::Int(i)) => i,
-                Some(redis::Value::Nil) | None => -1,
-                Some(v) => redis::from_redis_value_ref(&v).unwrap_or(-1),
-            }
-        };
-        return (num("pending"), num("lag"));
-    }
-    (-1, -1)
+    groups
+        .iter()
+        .find(|g| g.name == group)
+        .map_or((-1, -1), |g| {
+            (g.pending as i64, g.lag.map_or(-1, |l| l as i64))
+        })
 }
 
 /// Field/value pairs of a stream entry.
