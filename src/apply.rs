@@ -125,10 +125,11 @@ impl Applier {
             }
             invocations.push(inv);
         }
-        let replies: Vec<(u64, String)> = self.run(con, &self.expire, &invocations).await?;
+        let replies: Vec<Vec<(u64, String)>> =
+            invoke_pipelined(con, &self.expire, &invocations).await?;
         let mut total = 0;
         let mut emitted = Vec::new();
-        for (doc, (n, reason)) in docs.iter().zip(replies) {
+        for (doc, (n, reason)) in docs.iter().zip(replies.into_iter().flatten()) {
             total += n;
             if !reason.is_empty() {
                 emitted.push((doc.clone(), reason));
@@ -161,7 +162,12 @@ impl Applier {
             invocations.push(self.apply_invocation(&docs[start..end]));
             start = end;
         }
-        let replies: Vec<(Vec<i64>, String)> = self.run(con, &self.script, &invocations).await?;
+        let replies: Vec<(Vec<i64>, String)> =
+            invoke_pipelined::<Vec<_>>(con, &self.script, &invocations)
+                .await?
+                .into_iter()
+                .flatten()
+                .collect();
         if replies.len() != docs.len() {
             return Err(Error::Protocol(format!(
                 "{} replies for {} documents",
@@ -230,33 +236,32 @@ impl Applier {
         inv.arg(self.history_ms).arg(self.ttl_ms).arg(&self.options);
         inv
     }
+}
 
-    /// Runs `invocations` (of `script`), pipelined, and concatenates their per-document replies.
-    /// After a restart or failover the script cache is empty: it is loaded and the calls go
-    /// again (they are idempotent).
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        con: &mut ConnectionManager,
-        script: &Script,
-        invocations: &[ScriptInvocation<'_>],
-    ) -> Result<Vec<T>> {
-        let mut out = Vec::new();
-        for group in invocations.chunks(CALLS_PER_PIPELINE) {
-            let mut pipe = redis::pipe();
-            for inv in group {
-                pipe.invoke_script(inv);
-            }
-            let replies: Vec<Vec<T>> = match pipe.query_async(con).await {
-                Err(e) if e.code() == Some("NOSCRIPT") => {
-                    script.load_async(con).await?;
-                    pipe.query_async(con).await?
-                }
-                r => r?,
-            };
-            out.extend(replies.into_iter().flatten());
+/// Runs `invocations` of `script`, pipelined in groups, and returns one reply per invocation.
+/// After a restart or failover the script cache is empty: the script is loaded and the group goes
+/// again (every document script is idempotent).
+pub(crate) async fn invoke_pipelined<T: redis::FromRedisValue>(
+    con: &mut ConnectionManager,
+    script: &Script,
+    invocations: &[ScriptInvocation<'_>],
+) -> Result<Vec<T>> {
+    let mut out = Vec::with_capacity(invocations.len());
+    for group in invocations.chunks(CALLS_PER_PIPELINE) {
+        let mut pipe = redis::pipe();
+        for inv in group {
+            pipe.invoke_script(inv);
         }
-        Ok(out)
+        let replies: Vec<T> = match pipe.query_async(con).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                script.load_async(con).await?;
+                pipe.query_async(con).await?
+            }
+            r => r?,
+        };
+        out.extend(replies);
     }
+    Ok(out)
 }
 
 /// A 32-bit FNV-1a hash of an event id: what the session record keeps to recognise the same

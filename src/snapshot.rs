@@ -177,16 +177,20 @@ impl Flusher {
         }
     }
 
-    /// Flushes the outboxes of `docs`; returns the requests moved.
+    /// Flushes the outboxes of `docs`, in pipelined round trips; returns the requests moved.
     pub async fn flush(&self, con: &mut ConnectionManager, docs: &[String]) -> Result<u64> {
         let outboxes = self.keys.globals().outboxes;
-        let mut n = 0;
-        for doc in docs {
-            let mut inv = self.script.key(self.keys.doc(doc).outbox);
-            inv.key(&outboxes).key(&self.stream).arg(doc);
-            n += inv.invoke_async::<u64>(con).await?;
-        }
-        Ok(n)
+        let invocations: Vec<_> = docs
+            .iter()
+            .map(|doc| {
+                let mut inv = self.script.key(self.keys.doc(doc).outbox);
+                inv.key(&outboxes).key(&self.stream).arg(doc);
+                inv
+            })
+            .collect();
+        let flushed: Vec<u64> =
+            crate::apply::invoke_pipelined(con, &self.script, &invocations).await?;
+        Ok(flushed.iter().sum())
     }
 
     /// Flushes every outbox left non-empty (by a replica that stopped before flushing).
