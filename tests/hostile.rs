@@ -13,20 +13,20 @@ use presence_worker::{Event, EventType, Producer};
 
 const STREAM: &str = "sessions:events";
 
-/// Appends a flat-form join of user `x` to document `doc` (any bytes).
-async fn xadd_join(con: &mut redis::aio::ConnectionManager, doc: impl redis::ToRedisArgs) {
-    let _: String = redis::cmd("XADD")
-        .arg(STREAM)
-        .arg("*")
-        .arg("type")
-        .arg("join")
-        .arg("doc")
-        .arg(doc)
-        .arg("user")
-        .arg("x")
-        .query_async(con)
-        .await
-        .unwrap();
+/// Appends a flat-form join of `user` to document `doc` (any bytes), with `extra` fields.
+async fn xadd_join(
+    con: &mut redis::aio::ConnectionManager,
+    doc: impl redis::ToRedisArgs,
+    user: &str,
+    extra: &[(String, String)],
+) {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(STREAM).arg("*").arg("type").arg("join");
+    cmd.arg("doc").arg(doc).arg("user").arg(user);
+    for (k, v) in extra {
+        cmd.arg(k).arg(v);
+    }
+    let _: String = cmd.query_async(con).await.unwrap();
 }
 
 #[tokio::test]
@@ -68,7 +68,7 @@ async fn crafted_ids_touch_only_their_own_keys() {
         let mut e = Event::new(EventType::Join, *doc, format!("u{i}}}:users"));
         e.session = Some("tab}{*".into());
         p.publish(&e).await.unwrap();
-        xadd_join(&mut con, *doc).await;
+        xadd_join(&mut con, *doc, "x", &[]).await;
         valid.insert(doc.to_string());
     }
     // Invalid ids: dead-lettered with a reason.
@@ -80,7 +80,7 @@ async fn crafted_ids_touch_only_their_own_keys() {
         (b"a\x1fx".to_vec(), "control character"),
     ];
     for (doc, _) in &invalid {
-        xadd_join(&mut con, doc).await;
+        xadd_join(&mut con, doc, "x", &[]).await;
     }
     wait_drained(&mut con, STREAM, "presence").await;
 
@@ -159,42 +159,11 @@ async fn crafted_ids_touch_only_their_own_keys() {
 async fn limits_are_flags_and_over_limit_entries_are_dead_lettered() {
     let server = RedisServer::start();
     let mut con = server.con().await;
-    let xadd = |doc: &str, extra: usize| {
-        let mut c = redis::cmd("XADD");
-        c.arg(STREAM)
-            .arg("*")
-            .arg("type")
-            .arg("join")
-            .arg("doc")
-            .arg(doc)
-            .arg("user")
-            .arg("u");
-        for i in 0..extra {
-            c.arg(format!("x{i}")).arg("y");
-        }
-        c
-    };
-    let _: String = xadd("short", 0).query_async(&mut con).await.unwrap();
-    let _: String = xadd("longer-than-8", 0)
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    let _: String = xadd("fields", 10).query_async(&mut con).await.unwrap();
-    let big = "m".repeat(3000);
-    let _: String = redis::cmd("XADD")
-        .arg(STREAM)
-        .arg("*")
-        .arg("type")
-        .arg("join")
-        .arg("doc")
-        .arg("big")
-        .arg("user")
-        .arg("u")
-        .arg("meta.k")
-        .arg(&big)
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let ten: Vec<(String, String)> = (0..10).map(|i| (format!("x{i}"), "y".into())).collect();
+    xadd_join(&mut con, "short", "u", &[]).await;
+    xadd_join(&mut con, "longer-than-8", "u", &[]).await;
+    xadd_join(&mut con, "fields", "u", &ten).await;
+    xadd_join(&mut con, "big", "u", &[("meta.k".into(), "m".repeat(3000))]).await;
     let mut run = std::process::Command::new(env!("CARGO_BIN_EXE_presence-worker"))
         .args([
             "run",
