@@ -51,6 +51,8 @@ pub mod retry;
 pub mod shutdown;
 pub mod snapshot;
 pub mod stream_id;
+#[cfg(test)]
+mod test_rng;
 pub mod worker;
 
 pub use config::WorkerConfig;

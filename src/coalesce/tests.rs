@@ -3,6 +3,7 @@
 //! of the spec.
 
 use super::*;
+use crate::test_rng::Rng;
 
 use crate::event::{EventType, Meta};
 
@@ -562,29 +563,6 @@ fn with_seq_the_highest_meta_write_wins_even_if_earlier_in_the_batch() {
 // ---------------------------------------------------------------------------------------------
 // Property check
 // ---------------------------------------------------------------------------------------------
-
-/// xorshift64*: small and deterministic.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = self.below(i as u64 + 1) as usize;
-            v.swap(i, j);
-        }
-    }
-}
 
 const DOCS: [&str; 2] = ["doc-a", "doc-b"];
 const USERS: [&str; 3] = ["alice", "bob", "carol"];

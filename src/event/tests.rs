@@ -2,6 +2,7 @@
 //! every entry is checked against, and the encoding producers use.
 
 use super::*;
+use crate::test_rng::Rng;
 
 use rmpv::Value;
 
@@ -1272,27 +1273,6 @@ fn stored_meta_round_trips() {
 // Fuzz-like robustness
 // ---------------------------------------------------------------------------------------------
 
-/// xorshift64*: small, deterministic, good enough to explore inputs.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn bytes(&mut self, max_len: usize) -> Vec<u8> {
-        let len = self.below(max_len + 1);
-        (0..len).map(|_| self.next() as u8).collect()
-    }
-}
-
 /// Bytes that matter to MessagePack: markers of every family and length boundaries.
 const INTERESTING: &[u8] = &[
     0x00, 0x01, 0x7f, 0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf, 0xc0, 0xc1, 0xc2, 0xc3, 0xc4, 0xc7, 0xca,
@@ -1300,38 +1280,38 @@ const INTERESTING: &[u8] = &[
 ];
 
 fn mutate(rng: &mut Rng, mut p: Vec<u8>) -> Vec<u8> {
-    for _ in 0..=rng.below(4) {
+    for _ in 0..=rng.index(4) {
         let len = p.len();
-        match rng.below(8) {
+        match rng.index(8) {
             0 if len > 0 => {
-                let i = rng.below(len);
-                p[i] ^= 1 << rng.below(8);
+                let i = rng.index(len);
+                p[i] ^= 1 << rng.index(8);
             }
             1 if len > 0 => {
-                let i = rng.below(len);
+                let i = rng.index(len);
                 p[i] = rng.next() as u8;
             }
             2 if len > 0 => {
-                let i = rng.below(len);
-                p[i] = INTERESTING[rng.below(INTERESTING.len())];
+                let i = rng.index(len);
+                p[i] = INTERESTING[rng.index(INTERESTING.len())];
             }
             3 => {
-                let i = rng.below(len + 1);
-                p.insert(i, INTERESTING[rng.below(INTERESTING.len())]);
+                let i = rng.index(len + 1);
+                p.insert(i, INTERESTING[rng.index(INTERESTING.len())]);
             }
             4 if len > 0 => {
-                p.remove(rng.below(len));
+                p.remove(rng.index(len));
             }
-            5 => p.truncate(rng.below(len + 1)),
+            5 => p.truncate(rng.index(len + 1)),
             6 => {
                 let extra = rng.bytes(8);
                 p.extend(extra);
             }
             _ if len > 1 => {
-                let a = rng.below(len);
-                let b = a + rng.below(len - a) + 1;
+                let a = rng.index(len);
+                let b = a + rng.index(len - a) + 1;
                 let chunk = p[a..b].to_vec();
-                let at = rng.below(p.len() + 1);
+                let at = rng.index(p.len() + 1);
                 p.splice(at..at, chunk);
             }
             _ => {}
@@ -1392,18 +1372,18 @@ fn flat_fuzz(rng: &mut Rng) -> Fields {
     ];
     let mut fields = Fields::new();
     // Usually start from a valid flat entry so mutations reach the deeper checks.
-    if rng.below(2) == 0 {
+    if rng.index(2) == 0 {
         fields = flat(&[("type", "join"), ("doc", "d"), ("user", "u")]);
     }
-    for _ in 0..rng.below(8) {
-        let name = NAMES[rng.below(NAMES.len())].as_bytes().to_vec();
-        let value = match rng.below(4) {
+    for _ in 0..rng.index(8) {
+        let name = NAMES[rng.index(NAMES.len())].as_bytes().to_vec();
+        let value = match rng.index(4) {
             0 => rng.bytes(12),
             1 => {
-                let v = VALUES[rng.below(VALUES.len())].as_bytes().to_vec();
+                let v = VALUES[rng.index(VALUES.len())].as_bytes().to_vec();
                 mutate(rng, v)
             }
-            _ => VALUES[rng.below(VALUES.len())].as_bytes().to_vec(),
+            _ => VALUES[rng.index(VALUES.len())].as_bytes().to_vec(),
         };
         fields.push((name, value));
     }
@@ -1420,7 +1400,7 @@ fn fuzz_decode_never_panics() {
         let fields = match i % 4 {
             0 => e_entry(rng.bytes(64)),
             1 | 2 => {
-                let seed = seeds[rng.below(seeds.len())].clone();
+                let seed = seeds[rng.index(seeds.len())].clone();
                 e_entry(mutate(&mut rng, seed))
             }
             _ => flat_fuzz(&mut rng),
