@@ -1,6 +1,6 @@
 //! Acknowledge stage: dead letters and `XACK`, in one atomic round trip.
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 
 use crate::error::Result;
 use crate::read::Fields;
@@ -35,7 +35,7 @@ impl Acker {
     /// happen or neither, so a retry never writes a dead letter twice.
     pub async fn finish(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         dead: &[DeadLetter],
         ids: &[StreamId],
     ) -> Result<()> {

@@ -2,7 +2,7 @@
 //! atomic step), calls pipelined; and the expiry of silent sessions, which changes documents the
 //! same way.
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use redis::{Script, ScriptInvocation};
 
 use crate::coalesce::{DocUpdate, Version};
@@ -100,7 +100,7 @@ impl Applier {
     /// Leases up to `max` documents with sessions due to expire to the caller for `lease_ms`.
     pub async fn claim_due(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         lease_ms: u64,
         max: usize,
     ) -> Result<Vec<String>> {
@@ -113,7 +113,7 @@ impl Applier {
     /// that queued a snapshot request with its reason.
     pub async fn expire(
         &self,
-        con: &mut ConnectionManager,
+        con: &mut Conn,
         docs: &[String],
     ) -> Result<(u64, Vec<(String, String)>)> {
         let mut invocations = Vec::new();
@@ -142,11 +142,7 @@ impl Applier {
     /// reason of the snapshot request it queued (empty for none).
     ///
     /// Safe to call again with the same updates after any failure: the script is idempotent.
-    pub async fn apply(
-        &self,
-        con: &mut ConnectionManager,
-        docs: &[DocUpdate],
-    ) -> Result<Vec<Applied>> {
+    pub async fn apply(&self, con: &mut Conn, docs: &[DocUpdate]) -> Result<Vec<Applied>> {
         let mut invocations = Vec::new();
         let mut start = 0;
         while start < docs.len() {
@@ -242,7 +238,7 @@ impl Applier {
 /// After a restart or failover the script cache is empty: the script is loaded and the group goes
 /// again (every document script is idempotent).
 pub(crate) async fn invoke_pipelined<T: redis::FromRedisValue>(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     script: &Script,
     invocations: &[ScriptInvocation<'_>],
 ) -> Result<Vec<T>> {

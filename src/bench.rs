@@ -13,10 +13,10 @@ use std::collections::{BTreeSet, HashMap};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::connection::Conn;
 use clap::Args;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use redis::aio::ConnectionManager;
 
 use crate::apply::Applier;
 use crate::coalesce::coalesce;
@@ -118,7 +118,10 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
         (common.redis_url.clone(), None)
     };
     let client = crate::connection::client(&url)?;
-    let mut con = crate::connection::manager(&client, Duration::from_secs(30)).await?;
+    let mut con: crate::connection::Conn =
+        crate::connection::manager(&client, Duration::from_secs(30))
+            .await?
+            .into();
     let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
     let mut gen = Workload::new(args.seed, args.docs, args.users);
     let mut model = Model::default();
@@ -201,7 +204,7 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
 }
 
 async fn fill(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     stream: &str,
     n: usize,
     gen: &mut Workload,
@@ -228,11 +231,7 @@ async fn fill(
 }
 
 /// Runs `presence-worker run` until the group is drained; returns (seconds, CPU seconds, peak RSS).
-async fn drain_with_worker(
-    url: &str,
-    con: &mut ConnectionManager,
-    batch: usize,
-) -> Result<(f64, f64, u64)> {
+async fn drain_with_worker(url: &str, con: &mut Conn, batch: usize) -> Result<(f64, f64, u64)> {
     let exe = std::env::current_exe()?;
     let start = Instant::now();
     let mut child = Command::new(exe)
@@ -260,7 +259,7 @@ async fn drain_with_worker(
 }
 
 /// The baseline: each event applied by its own script call, pipelined in batches.
-async fn baseline(con: &mut ConnectionManager, n: usize, batch: usize) -> Result<f64> {
+async fn baseline(con: &mut Conn, n: usize, batch: usize) -> Result<f64> {
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg("sessions:events")
@@ -307,7 +306,7 @@ async fn baseline(con: &mut ConnectionManager, n: usize, batch: usize) -> Result
 /// moment its document shows the event applied.
 async fn latency(
     url: &str,
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     rate: u64,
     dur: Duration,
     gen: &mut Workload,
@@ -399,7 +398,7 @@ async fn latency(
     Ok((pct(0.5), pct(0.99), out.last().copied().unwrap_or(f64::NAN)))
 }
 
-async fn wait_drained(con: &mut ConnectionManager, stream: &str, group: &str) -> Result<()> {
+async fn wait_drained(con: &mut Conn, stream: &str, group: &str) -> Result<()> {
     loop {
         let groups = crate::retention::groups(con, stream).await?;
         if let Some(g) = groups.iter().find(|g| g.name == group) {
@@ -435,7 +434,7 @@ fn proc_usage(pid: u32) -> (f64, u64) {
     (cpu, rss)
 }
 
-async fn info_field(con: &mut ConnectionManager, section: &str, name: &str) -> Result<f64> {
+async fn info_field(con: &mut Conn, section: &str, name: &str) -> Result<f64> {
     let info: String = redis::cmd("INFO").arg(section).query_async(con).await?;
     Ok(info
         .lines()
@@ -444,7 +443,7 @@ async fn info_field(con: &mut ConnectionManager, section: &str, name: &str) -> R
         .unwrap_or(0.0))
 }
 
-async fn redis_cpu(con: &mut ConnectionManager) -> Result<f64> {
+async fn redis_cpu(con: &mut Conn) -> Result<f64> {
     Ok(info_field(con, "cpu", "used_cpu_user").await?
         + info_field(con, "cpu", "used_cpu_sys").await?)
 }
@@ -475,7 +474,7 @@ impl Model {
 
     /// Compares every document's users and count with the model; returns (documents that
     /// differ, live sessions).
-    async fn compare(&self, con: &mut ConnectionManager, keys: &Keys) -> Result<(usize, usize)> {
+    async fn compare(&self, con: &mut Conn, keys: &Keys) -> Result<(usize, usize)> {
         let mut users: HashMap<&str, BTreeSet<&str>> = HashMap::new();
         let mut live = 0;
         for ((doc, user, _), &l) in &self.live {

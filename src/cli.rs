@@ -85,8 +85,8 @@ impl Common {
     }
 
     /// A client for `--redis-url` with the security options.
-    pub fn client(&self) -> Result<redis::Client> {
-        crate::connection::client_with(&self.redis_url, &self.connect_options())
+    pub fn client(&self) -> Result<crate::connection::Client> {
+        crate::connection::open(&self.redis_url, &self.connect_options())
     }
 }
 

@@ -9,8 +9,8 @@ use crate::error::{Error, Result};
 use crate::event::{Event, EventType, Meta};
 use crate::keys::Keys;
 
-async fn connect(common: &Common) -> Result<redis::aio::ConnectionManager> {
-    crate::connection::manager(&common.client()?, Duration::from_secs(5)).await
+async fn connect(common: &Common) -> Result<crate::connection::Conn> {
+    crate::connection::connect(&common.client()?, Duration::from_secs(5)).await
 }
 
 fn to_json(v: &impl serde::Serialize) -> Result<String> {

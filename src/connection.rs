@@ -218,6 +218,178 @@ pub async fn manager(
     }
 }
 
+/// A client for a standalone Redis or a Redis Cluster.
+// Built once per process: the size difference of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum Client {
+    /// One Redis server (`redis://`, `rediss://`).
+    Single(redis::Client),
+    /// A Redis Cluster, found from its seed nodes (`redis+cluster://`, `rediss+cluster://`).
+    Cluster {
+        /// The client, without timeouts (each connection sets its own).
+        client: redis::cluster::ClusterClient,
+        /// The seed nodes, without credentials, for messages.
+        seeds: String,
+    },
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Client::Single(c) => write!(f, "Client({})", address(c.get_connection_info().addr())),
+            Client::Cluster { seeds, .. } => write!(f, "Client(cluster {seeds})"),
+        }
+    }
+}
+
+/// Whether `url` names a Redis Cluster: `redis+cluster://` or `rediss+cluster://`.
+pub fn is_cluster_url(url: &str) -> bool {
+    url.starts_with("redis+cluster://") || url.starts_with("rediss+cluster://")
+}
+
+/// The seed node URLs of a cluster URL: `redis+cluster://[user:password@]host1:port1,host2:port2`
+/// gives `redis://[user:password@]host1:port1` and `redis://[user:password@]host2:port2`.
+fn seed_urls(url: &str) -> Result<Vec<String>> {
+    let (scheme, rest) = url
+        .split_once("+cluster://")
+        .ok_or_else(|| Error::Config(format!("--redis-url {}: not a cluster URL", redact(url))))?;
+    let (credentials, hosts) = match rest.rsplit_once('@') {
+        Some((c, h)) => (format!("{c}@"), h),
+        None => (String::new(), rest),
+    };
+    let hosts = hosts.trim_end_matches('/');
+    let seeds: Vec<String> = hosts
+        .split(',')
+        .filter(|h| !h.is_empty())
+        .map(|h| format!("{scheme}://{credentials}{h}"))
+        .collect();
+    if seeds.is_empty() {
+        return Err(Error::Config(format!(
+            "--redis-url {}: a cluster URL names at least one seed node (host:port[,host:port...])",
+            redact(url)
+        )));
+    }
+    Ok(seeds)
+}
+
+/// Opens a client for `url` (a standalone or a cluster URL) with `options`, checking it without
+/// connecting. A cluster client follows `MOVED`/`ASK` redirections and slot migrations; every
+/// seed node gets the same credentials and TLS files.
+pub fn open(url: &str, options: &ConnectOptions) -> Result<Client> {
+    if !is_cluster_url(url) {
+        return client_with(url, options).map(Client::Single);
+    }
+    let mut infos = Vec::new();
+    let mut addresses = Vec::new();
+    for seed in seed_urls(url)? {
+        let client = client_with(&seed, options)?;
+        addresses.push(address(client.get_connection_info().addr()));
+        infos.push(client.get_connection_info().clone());
+    }
+    let first = infos[0].redis_settings().clone();
+    let mut builder = redis::cluster::ClusterClientBuilder::new(infos);
+    if let Some(user) = first.username() {
+        builder = builder.username(user);
+    }
+    if let Some(password) = first.password() {
+        builder = builder.password(password);
+    }
+    if url.starts_with("rediss+") {
+        builder = builder
+            .tls(redis::cluster::TlsMode::Secure)
+            .certs(tls_certificates(options)?);
+    }
+    let client = builder.build().map_err(|e| {
+        Error::Config(format!(
+            "--redis-url {}: {}",
+            redact(url),
+            redact(&e.to_string())
+        ))
+    })?;
+    Ok(Client::Cluster {
+        client,
+        seeds: addresses.join(","),
+    })
+}
+
+/// A connection to a standalone Redis or to a Redis Cluster: cheap to clone (clones share one
+/// multiplexed connection per node), and it reconnects by itself. In cluster mode every command
+/// and every pipeline must stay within one hash slot (see [`Conn::is_cluster`]).
+#[derive(Clone)]
+pub enum Conn {
+    /// One server.
+    Single(ConnectionManager),
+    /// A cluster.
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Conn {
+    /// Whether this is a cluster connection: then pipelines and transactions must not span
+    /// hash slots.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+}
+
+impl From<ConnectionManager> for Conn {
+    fn from(con: ConnectionManager) -> Self {
+        Conn::Single(con)
+    }
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipe: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipe, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipe, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(_) => 0,
+        }
+    }
+}
+
+/// A reconnecting connection from `client` (standalone or cluster) whose replies may take up to
+/// `response_timeout`; see [`manager`] for why the blocking read needs its own.
+pub async fn connect(client: &Client, response_timeout: Duration) -> Result<Conn> {
+    match client {
+        Client::Single(c) => manager(c, response_timeout).await.map(Conn::Single),
+        Client::Cluster { client, seeds } => {
+            let config = redis::cluster::ClusterConfig::new()
+                .set_response_timeout(response_timeout)
+                .set_connection_timeout(Duration::from_secs(5));
+            let con = client
+                .get_async_connection_with_config(config)
+                .await
+                .map_err(|source| Error::Connect {
+                    url: format!("redis+cluster://{seeds}"),
+                    source,
+                })?;
+            Ok(Conn::Cluster(con))
+        }
+    }
+}
+
 /// Where a client connects, without credentials: `redis://host:port`, `rediss://host:port`
 /// or the socket path.
 pub fn address(addr: &ConnectionAddr) -> String {

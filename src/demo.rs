@@ -52,8 +52,8 @@ pub async fn run(common: &Common, args: DemoArgs) -> Result<()> {
     ));
 
     let mut producer = Producer::connect(&common.redis_url, &common.stream).await?;
-    let client = crate::connection::client(&common.redis_url)?;
-    let mut con = crate::connection::manager(&client, Duration::from_secs(5)).await?;
+    let client = crate::connection::open(&common.redis_url, &Default::default())?;
+    let mut con = crate::connection::connect(&client, Duration::from_secs(5)).await?;
     let keys = Keys::new(&common.prefix);
     let docs: Vec<String> = (1..=args.docs.max(1))
         .map(|d| format!("demo-doc-{d}"))

@@ -3,7 +3,7 @@
 //! A dead letter holds `error`, `entry_id` and `stream` first (written by [`crate::ack`]), then
 //! the original fields unchanged.
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
@@ -35,7 +35,7 @@ pub struct DeadLetterEntry {
 
 /// `XRANGE key start end COUNT count`.
 async fn xrange(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     key: &str,
     start: &str,
     end: &str,
@@ -52,11 +52,7 @@ async fn xrange(
 }
 
 /// Lists up to `count` dead letters, oldest first.
-pub async fn list(
-    con: &mut ConnectionManager,
-    dead_stream: &str,
-    count: usize,
-) -> Result<Vec<DeadLetterEntry>> {
+pub async fn list(con: &mut Conn, dead_stream: &str, count: usize) -> Result<Vec<DeadLetterEntry>> {
     let rows = xrange(con, dead_stream, "-", "+", count).await?;
     Ok(rows.into_iter().map(|(id, raw)| parse(id, raw)).collect())
 }
@@ -101,11 +97,7 @@ fn parse(id: String, raw: Fields) -> DeadLetterEntry {
 /// with its original fields and removed from the dead-letter stream in one `MULTI`.
 ///
 /// A replayed event gets a new entry id: without `seq` it counts as its session's latest event.
-pub async fn replay(
-    con: &mut ConnectionManager,
-    dead_stream: &str,
-    ids: &[String],
-) -> Result<usize> {
+pub async fn replay(con: &mut Conn, dead_stream: &str, ids: &[String]) -> Result<usize> {
     let mut entries = Vec::new();
     if ids.is_empty() {
         let mut after = "-".to_owned();

@@ -29,7 +29,7 @@ pub fn render_request(id: &str, r: &SnapshotRequest) -> String {
 /// Prints the requests in `stream`, then (with `follow`) new ones until SIGINT/SIGTERM.
 pub async fn snapshots(common: &Common, stream: &str, follow: bool) -> Result<()> {
     let client = common.client()?;
-    let mut con = crate::connection::manager(&client, Duration::from_secs(10)).await?;
+    let mut con = crate::connection::connect(&client, Duration::from_secs(10)).await?;
     let token = CancellationToken::new();
     crate::shutdown::cancel_on_signals(token.clone());
     let mut after = StreamId::default();

@@ -22,7 +22,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(1);
 /// What the handlers need.
 pub struct Health {
     /// Where Redis is.
-    pub client: redis::Client,
+    pub client: crate::connection::Client,
     /// Events stream.
     pub stream: String,
     /// Consumer group.
@@ -85,14 +85,8 @@ async fn check(h: &Health) -> std::result::Result<(), String> {
     if h.breaker.state() != BreakerState::Closed {
         return Err(format!("circuit breaker {}", h.breaker.state().as_str()));
     }
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(READY_TIMEOUT))
-        .set_response_timeout(Some(READY_TIMEOUT));
     let probe = async {
-        let mut con = h
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let mut con = crate::connection::connect(&h.client, READY_TIMEOUT).await?;
         crate::retention::groups(&mut con, &h.stream).await
     };
     match tokio::time::timeout(READY_TIMEOUT * 2, probe).await {

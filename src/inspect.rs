@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use rmpv::ValueRef;
 use serde::Serialize;
 
@@ -53,7 +53,7 @@ impl DocState {
 }
 
 /// Reads the state of `doc` under `keys`.
-pub async fn inspect(con: &mut ConnectionManager, keys: &Keys, doc: &str) -> Result<DocState> {
+pub async fn inspect(con: &mut Conn, keys: &Keys, doc: &str) -> Result<DocState> {
     let k = keys.doc(doc);
     type Reply = (
         Vec<String>,

@@ -4,7 +4,7 @@
 
 use std::io::Write as _;
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use redis::{AsyncIter, Script};
 use serde::Serialize;
 
@@ -65,7 +65,7 @@ pub struct Status {
 
 /// Reads the status of `stream` and its groups.
 pub async fn status(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     keys: &Keys,
     stream: &str,
     dead_stream: &str,
@@ -137,7 +137,7 @@ pub async fn status(
     })
 }
 
-async fn exists(con: &mut ConnectionManager, key: &str) -> Result<bool> {
+async fn exists(con: &mut Conn, key: &str) -> Result<bool> {
     Ok(redis::cmd("EXISTS")
         .arg(key)
         .query_async::<i64>(con)
@@ -146,7 +146,7 @@ async fn exists(con: &mut ConnectionManager, key: &str) -> Result<bool> {
 }
 
 /// The `n` documents with the most users present, most first.
-pub async fn top(con: &mut ConnectionManager, keys: &Keys, n: usize) -> Result<Vec<(String, u64)>> {
+pub async fn top(con: &mut Conn, keys: &Keys, n: usize) -> Result<Vec<(String, u64)>> {
     let rows: Vec<(String, f64)> = redis::cmd("ZRANGE")
         .arg(keys.globals().top)
         .arg("+inf")
@@ -177,7 +177,7 @@ pub struct RepairReport {
 /// and, with `fix`, rebuilding it atomically. `progress` is told the documents done so far and
 /// the total.
 pub async fn repair(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     keys: &Keys,
     history_ms: u64,
     ttl_ms: u64,

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use tokio::time::Instant;
 
 use crate::breaker::{guard, Breaker, BreakerConfig};
@@ -38,7 +38,7 @@ impl Default for RetryPolicy {
 /// Appends events to the events stream.
 #[derive(Clone)]
 pub struct Producer {
-    con: ConnectionManager,
+    con: Conn,
     stream: String,
     limits: Limits,
     breaker: Breaker,
@@ -57,8 +57,8 @@ impl Producer {
         options: &ConnectOptions,
         stream: impl Into<String>,
     ) -> Result<Self> {
-        let client = connection::client_with(redis_url, options)?;
-        let con = connection::manager(&client, Duration::from_secs(5)).await?;
+        let client = connection::open(redis_url, options)?;
+        let con = connection::connect(&client, Duration::from_secs(5)).await?;
         Ok(Self {
             con,
             stream: stream.into(),
@@ -122,7 +122,7 @@ impl Producer {
 
     async fn with_retries<T, F, Fut>(&mut self, mut op: F) -> Result<T>
     where
-        F: FnMut(ConnectionManager) -> Fut,
+        F: FnMut(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let start = Instant::now();

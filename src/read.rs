@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use redis::Value;
 
 use crate::config::GroupStart;
@@ -23,7 +23,7 @@ pub struct Entry {
 
 /// Creates `group` on `stream` (and the stream) unless it exists.
 pub async fn ensure_group(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     stream: &str,
     group: &str,
     start: GroupStart,
@@ -57,7 +57,7 @@ pub enum ReadFrom {
 
 /// Reads up to `count` entries for `consumer`.
 pub async fn read(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     stream: &str,
     group: &str,
     consumer: &str,

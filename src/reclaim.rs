@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use redis::Value;
 
 use crate::error::{Error, Result};
@@ -23,7 +23,7 @@ pub struct Claimed {
 
 /// Claims up to `count` entries idle for at least `min_idle` from any consumer, from `start`.
 pub async fn autoclaim(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     stream: &str,
     group: &str,
     consumer: &str,
@@ -74,7 +74,7 @@ pub async fn autoclaim(
 
 /// How many times each of `entries` (pending on `consumer`) has been delivered.
 pub async fn delivery_counts(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     stream: &str,
     group: &str,
     consumer: &str,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use redis::{Script, Value};
 
 use crate::error::Result;
@@ -15,7 +15,7 @@ const DELETE_IDLE_CONSUMER_LUA: &str = include_str!("lua/delete_idle_consumer.lu
 
 /// Trims entries older than `retain` from `stream`, never past the oldest entry any group on
 /// the stream still has pending or has not yet delivered. Returns the entries removed.
-pub async fn trim(con: &mut ConnectionManager, stream: &str, retain: Duration) -> Result<u64> {
+pub async fn trim(con: &mut Conn, stream: &str, retain: Duration) -> Result<u64> {
     let time: (u64, u64) = redis::cmd("TIME").query_async(con).await?;
     let now_ms = time.0 * 1000 + time.1 / 1000;
     let mut cut = StreamId::new(now_ms.saturating_sub(retain.as_millis() as u64), 0);
@@ -38,11 +38,7 @@ pub async fn trim(con: &mut ConnectionManager, stream: &str, retain: Duration) -
 }
 
 /// The oldest entry `group` has delivered and not acknowledged (the `XPENDING` summary).
-pub async fn oldest_pending(
-    con: &mut ConnectionManager,
-    stream: &str,
-    group: &str,
-) -> Result<Option<StreamId>> {
+pub async fn oldest_pending(con: &mut Conn, stream: &str, group: &str) -> Result<Option<StreamId>> {
     let summary: Value = redis::cmd("XPENDING")
         .arg(stream)
         .arg(group)
@@ -100,7 +96,7 @@ pub async fn groups(
 /// Removes the consumers of `group` idle for longer than `idle` with nothing pending (never
 /// `me`). Returns their names.
 pub async fn remove_idle_consumers(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     stream: &str,
     group: &str,
     me: &str,

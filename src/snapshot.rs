@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use redis::Script;
 use serde::{Deserialize, Serialize};
 
@@ -178,7 +178,7 @@ impl Flusher {
     }
 
     /// Flushes the outboxes of `docs`, in pipelined round trips; returns the requests moved.
-    pub async fn flush(&self, con: &mut ConnectionManager, docs: &[String]) -> Result<u64> {
+    pub async fn flush(&self, con: &mut Conn, docs: &[String]) -> Result<u64> {
         let outboxes = self.keys.globals().outboxes;
         let invocations: Vec<_> = docs
             .iter()
@@ -194,7 +194,7 @@ impl Flusher {
     }
 
     /// Flushes every outbox left non-empty (by a replica that stopped before flushing).
-    pub async fn flush_all(&self, con: &mut ConnectionManager) -> Result<u64> {
+    pub async fn flush_all(&self, con: &mut Conn) -> Result<u64> {
         let docs: Vec<String> = redis::cmd("SRANDMEMBER")
             .arg(self.keys.globals().outboxes)
             .arg(500)

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::connection::Conn;
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::Acker;
@@ -81,9 +81,9 @@ pub async fn run_with_stats(
     stats: Arc<Stats>,
 ) -> Result<()> {
     config.validate()?;
-    let client = connection::client_with(&config.redis_url, &config.connect)?;
-    let mut apply_con = connection::manager(&client, config.response_timeout).await?;
-    let read_con = connection::manager(&client, config.block + config.response_timeout).await?;
+    let client = connection::open(&config.redis_url, &config.connect)?;
+    let mut apply_con = connection::connect(&client, config.response_timeout).await?;
+    let read_con = connection::connect(&client, config.block + config.response_timeout).await?;
     read::ensure_group(
         &mut apply_con,
         &config.stream,
@@ -162,8 +162,8 @@ struct Worker {
     config: WorkerConfig,
     applier: Applier,
     acker: Acker,
-    apply_con: ConnectionManager,
-    read_con: ConnectionManager,
+    apply_con: Conn,
+    read_con: Conn,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
     /// Guards every Redis call: while open, nothing is sent.

@@ -8,10 +8,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{config, wait_drained, RedisServer, RunningWorker};
+use presence_worker::connection::Conn;
 use presence_worker::inspect::{inspect, DocState};
 use presence_worker::keys::Keys;
 use presence_worker::{Event, EventType, Producer};
-use redis::aio::ConnectionManager;
 
 const STREAM: &str = "sessions:events";
 const GROUP: &str = "presence";
@@ -22,7 +22,7 @@ fn ev(kind: EventType, doc: &str, user: &str, session: Option<&str>) -> Event {
     e
 }
 
-async fn state(con: &mut ConnectionManager, doc: &str) -> DocState {
+async fn state(con: &mut Conn, doc: &str) -> DocState {
     inspect(con, &Keys::new("sessions"), doc)
         .await
         .expect("inspect")

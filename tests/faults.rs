@@ -20,7 +20,7 @@ use presence_worker::{Event, EventType, Producer, StreamId};
 const GROUP: &str = "presence";
 
 /// The model of what the stream holds now (duplicates from producer retries included).
-async fn model_of_stream(con: &mut redis::aio::ConnectionManager) -> Model {
+async fn model_of_stream(con: &mut presence_worker::connection::Conn) -> Model {
     let mut model = Model::default();
     for (id, fields) in xrange(con, STREAM).await {
         let raw: Vec<(Vec<u8>, Vec<u8>)> = fields

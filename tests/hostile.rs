@@ -15,7 +15,7 @@ const STREAM: &str = "sessions:events";
 
 /// Appends a flat-form join of `user` to document `doc` (any bytes), with `extra` fields.
 async fn xadd_join(
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut presence_worker::connection::Conn,
     doc: impl redis::ToRedisArgs,
     user: &str,
     extra: &[(String, String)],

@@ -24,6 +24,7 @@ use common::model::{assert_state, Model};
 use common::RedisServer;
 use presence_worker::apply::Applier;
 use presence_worker::coalesce::coalesce;
+use presence_worker::connection::Conn;
 use presence_worker::event::{Meta, MAX_SEQ};
 use presence_worker::inspect::inspect;
 use presence_worker::keys::Keys;
@@ -32,7 +33,6 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestRunner};
-use redis::aio::ConnectionManager;
 
 const DOCS: [&str; 2] = ["d0", "d1"];
 const USERS: [&str; 3] = ["u0", "u1", "u2"];
@@ -187,7 +187,7 @@ impl fmt::Debug for Case {
 /// Runs `check` on generated cases against one Redis, each case under its own prefix `p<n>`.
 fn run<F, Fut>(default_cases: u32, check: F)
 where
-    F: Fn(ConnectionManager, String, Case) -> Fut,
+    F: Fn(Conn, String, Case) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let cases = std::env::var("PROPTEST_CASES")
@@ -218,7 +218,7 @@ where
     println!("{} generated cases passed", n.load(Ordering::Relaxed));
 }
 
-async fn apply_batch(applier: &Applier, con: &mut ConnectionManager, batch: &[(StreamId, Event)]) {
+async fn apply_batch(applier: &Applier, con: &mut Conn, batch: &[(StreamId, Event)]) {
     let docs = coalesce(batch);
     applier.apply(con, &docs).await.expect("apply");
 }
@@ -235,7 +235,7 @@ fn model_of(events: &[(StreamId, Event)]) -> Model {
 type Record = (bool, Option<String>, String, u32, Option<Meta>);
 
 /// Every session record, by (document, user, session), as Redis holds it.
-async fn records(con: &mut ConnectionManager, prefix: &str) -> BTreeMap<[String; 3], Record> {
+async fn records(con: &mut Conn, prefix: &str) -> BTreeMap<[String; 3], Record> {
     let keys = Keys::new(prefix);
     let mut out = BTreeMap::new();
     for doc in DOCS {
@@ -289,7 +289,7 @@ fn expected_records(events: &[(StreamId, Event)]) -> BTreeMap<[String; 3], Recor
 }
 
 /// Asserts that the state under `prefix` is the model's, record by record.
-async fn assert_matches_spec(con: &mut ConnectionManager, prefix: &str, case: &Case) {
+async fn assert_matches_spec(con: &mut Conn, prefix: &str, case: &Case) {
     assert_state(con, prefix, &model_of(&case.events)).await;
     let got = records(con, prefix).await;
     let expected = expected_records(&case.events);
@@ -302,7 +302,7 @@ async fn assert_matches_spec(con: &mut ConnectionManager, prefix: &str, case: &C
     }
 }
 
-async fn racing_replicas(mut con: ConnectionManager, prefix: String, case: Case) {
+async fn racing_replicas(mut con: Conn, prefix: String, case: Case) {
     let applier = Applier::new(Keys::new(prefix.as_str()), 600_000, 0);
     for &b in case.order.iter().chain(&case.again) {
         apply_batch(&applier, &mut con, &case.events[case.batches[b].clone()]).await;
@@ -324,7 +324,7 @@ type Dump = (
     Vec<(String, f64)>,
 );
 
-async fn dump(con: &mut ConnectionManager, prefix: &str) -> Dump {
+async fn dump(con: &mut Conn, prefix: &str) -> Dump {
     let keys = Keys::new(prefix);
     let mut docs = Vec::new();
     for doc in DOCS {
@@ -352,7 +352,7 @@ async fn dump(con: &mut ConnectionManager, prefix: &str) -> Dump {
     (docs, stats, top)
 }
 
-async fn coalesced_vs_single(mut con: ConnectionManager, prefix: String, case: Case) {
+async fn coalesced_vs_single(mut con: Conn, prefix: String, case: Case) {
     let (batched, single) = (format!("{prefix}b"), format!("{prefix}s"));
     let by_batch = Applier::new(Keys::new(batched.as_str()), 600_000, 0);
     let by_event = Applier::new(Keys::new(single.as_str()), 600_000, 0);

@@ -25,7 +25,7 @@ fn ev(kind: EventType, doc: &str, user: &str) -> Event {
     Event::new(kind, doc, user)
 }
 
-async fn users(con: &mut redis::aio::ConnectionManager, doc: &str) -> Vec<String> {
+async fn users(con: &mut presence_worker::connection::Conn, doc: &str) -> Vec<String> {
     inspect(con, &Keys::new("sessions"), doc)
         .await
         .unwrap()
@@ -177,7 +177,8 @@ async fn concurrent_expiry_of_the_same_documents_ends_each_session_once() {
                 let client = presence_worker::connection::client(&url).unwrap();
                 let mut con = presence_worker::connection::manager(&client, Duration::from_secs(5))
                     .await
-                    .unwrap();
+                    .unwrap()
+                    .into();
                 let applier = Applier::new(Keys::new("sessions"), 600_000, 1000);
                 applier.expire(&mut con, &docs).await.unwrap().0
             })

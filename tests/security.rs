@@ -9,10 +9,10 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{config, wait_drained, RedisServer, RunningWorker};
+use presence_worker::connection::Conn;
 use presence_worker::connection::{self, ConnectOptions};
 use presence_worker::snapshot::SnapshotConfig;
 use presence_worker::{Event, EventType, Producer};
-use redis::aio::ConnectionManager;
 
 const BIN: &str = env!("CARGO_BIN_EXE_presence-worker");
 const STREAM: &str = "sessions:events";
@@ -76,7 +76,7 @@ fn secret(prefix: &str) -> String {
 }
 
 /// Creates the users exactly as the README's Security section says, with fresh passwords.
-async fn create_users(admin: &mut ConnectionManager) -> Users {
+async fn create_users(admin: &mut Conn) -> Users {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
         .expect("README.md");
     let section = readme
@@ -132,7 +132,7 @@ fn login(user: &str, file: &Path) -> ConnectOptions {
 }
 
 /// `ACL LOG` entries as field maps: every command Redis refused.
-async fn acl_log(admin: &mut ConnectionManager) -> Vec<HashMap<String, String>> {
+async fn acl_log(admin: &mut Conn) -> Vec<HashMap<String, String>> {
     let entries: Vec<redis::Value> = redis::cmd("ACL")
         .arg("LOG")
         .query_async(admin)
@@ -182,7 +182,7 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-async fn smembers(con: &mut ConnectionManager, key: &str) -> Vec<String> {
+async fn smembers(con: &mut Conn, key: &str) -> Vec<String> {
     let mut v: Vec<String> = redis::cmd("SMEMBERS")
         .arg(key)
         .query_async(con)
@@ -748,11 +748,12 @@ fn tls_options(certs: &tempfile::TempDir, client: bool) -> ConnectOptions {
     }
 }
 
-async fn tls_con(server: &RedisServer, options: &ConnectOptions) -> ConnectionManager {
+async fn tls_con(server: &RedisServer, options: &ConnectOptions) -> Conn {
     let client = connection::client_with(&server.url(), options).expect("client");
     connection::manager(&client, Duration::from_secs(10))
         .await
         .expect("TLS connection")
+        .into()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

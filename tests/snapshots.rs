@@ -24,7 +24,7 @@ fn snap_config(server: &RedisServer, thresholds: &[u64]) -> WorkerConfig {
     c
 }
 
-async fn requests(con: &mut redis::aio::ConnectionManager) -> Vec<SnapshotRequest> {
+async fn requests(con: &mut presence_worker::connection::Conn) -> Vec<SnapshotRequest> {
     xrange(con, "sessions:snapshots")
         .await
         .iter()
@@ -102,7 +102,7 @@ async fn crossing_up_down_up_with_and_without_hysteresis() {
 /// Applies `events` as one atomic step (one script call), as a worker does with one batch.
 async fn one_step(
     applier: &Applier,
-    con: &mut redis::aio::ConnectionManager,
+    con: &mut presence_worker::connection::Conn,
     events: Vec<Event>,
     next: &mut u64,
 ) -> Vec<presence_worker::apply::Applied> {

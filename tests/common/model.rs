@@ -5,9 +5,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use presence_worker::connection::Conn;
 use presence_worker::keys::Keys;
 use presence_worker::{Event, EventType};
-use redis::aio::ConnectionManager;
 
 #[derive(Debug, Clone, Copy)]
 struct SessionState {
@@ -70,7 +70,7 @@ impl Model {
 
 /// Asserts that Redis holds exactly the model's state: for every document the users set, the
 /// count (= SCARD, absent when 0), the live sessions; and no users set for any other document.
-pub async fn assert_state(con: &mut ConnectionManager, prefix: &str, model: &Model) {
+pub async fn assert_state(con: &mut Conn, prefix: &str, model: &Model) {
     let keys = Keys::new(prefix);
     let expected = model.users();
     let mut diffs = Vec::new();

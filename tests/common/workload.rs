@@ -121,7 +121,7 @@ fn fields(entry: &Entry) -> Vec<(String, Vec<u8>)> {
 }
 
 /// Appends `entries` in order.
-pub async fn append(con: &mut redis::aio::ConnectionManager, entries: &[Entry]) {
+pub async fn append(con: &mut presence_worker::connection::Conn, entries: &[Entry]) {
     for chunk in entries.chunks(500) {
         let mut pipe = redis::pipe();
         for e in chunk {
