@@ -2,6 +2,7 @@
 //! model of the stream to compare Redis state with.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cluster;
 pub mod model;
 pub mod proxy;
 pub mod workload;
@@ -155,7 +156,7 @@ impl Drop for RedisServer {
     }
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
