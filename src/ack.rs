@@ -33,6 +33,10 @@ pub struct Acker {
 impl Acker {
     /// Appends the dead letters, then acknowledges `ids`, in one `MULTI`/`EXEC`: either both
     /// happen or neither, so a retry never writes a dead letter twice.
+    ///
+    /// On a Redis Cluster the two streams live in different hash slots, so no transaction spans
+    /// them: the dead letters are appended first, then the entries acknowledged. Nothing is lost;
+    /// a crash between the two repeats the dead letters of that batch (at least once).
     pub async fn finish(
         &self,
         con: &mut Conn,
@@ -43,7 +47,9 @@ impl Acker {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        pipe.atomic();
+        if !con.is_cluster() {
+            pipe.atomic();
+        }
         for d in dead {
             let cmd = pipe.cmd("XADD").arg(&self.dead_letter_stream).arg("*");
             cmd.arg("error").arg(&d.reason);
@@ -53,6 +59,10 @@ impl Acker {
                 cmd.arg(k).arg(v);
             }
             cmd.ignore();
+        }
+        if con.is_cluster() && !dead.is_empty() && !ids.is_empty() {
+            pipe.query_async::<()>(con).await?;
+            pipe = redis::pipe();
         }
         if !ids.is_empty() {
             let cmd = pipe.cmd("XACK").arg(&self.stream).arg(&self.group);

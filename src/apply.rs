@@ -7,7 +7,7 @@ use redis::{Script, ScriptInvocation};
 
 use crate::coalesce::{DocUpdate, Version};
 use crate::error::{Error, Result};
-use crate::keys::{GlobalKeys, Keys};
+use crate::keys::Keys;
 use crate::snapshot::SnapshotConfig;
 
 /// The script that applies documents' updates (see the headers of the two files).
@@ -65,7 +65,6 @@ pub struct Applier {
     expire: Script,
     claim_due: Script,
     keys: Keys,
-    globals: GlobalKeys,
     options: Vec<u8>,
     history_ms: u64,
     ttl_ms: u64,
@@ -90,23 +89,33 @@ impl Applier {
             expire: Script::new(EXPIRE_LUA),
             claim_due: Script::new(CLAIM_DUE_LUA),
             options: snapshots.script_options(&keys.channel_prefix()),
-            globals: keys.globals(),
             keys,
             history_ms,
             ttl_ms,
         }
     }
 
-    /// Leases up to `max` documents with sessions due to expire to the caller for `lease_ms`.
+    /// Leases up to `max` documents with sessions due to expire to the caller for `lease_ms`
+    /// (on a cluster, up to `max` per hash slot, all slots asked concurrently).
     pub async fn claim_due(
         &self,
         con: &mut Conn,
         lease_ms: u64,
         max: usize,
     ) -> Result<Vec<String>> {
-        let mut inv = self.claim_due.key(&self.globals.expiry);
-        inv.arg(lease_ms).arg(max);
-        Ok(inv.invoke_async(con).await?)
+        let invocations: Vec<_> = self
+            .keys
+            .all_globals()
+            .iter()
+            .map(|g| {
+                let mut inv = self.claim_due.key(&g.expiry);
+                inv.arg(lease_ms).arg(max);
+                inv
+            })
+            .collect();
+        let replies: Vec<Vec<String>> =
+            invoke_pipelined(con, &self.claim_due, &invocations).await?;
+        Ok(replies.into_iter().flatten().collect())
     }
 
     /// Expires the silent sessions of `docs`; returns how many sessions ended, and the documents
@@ -116,26 +125,65 @@ impl Applier {
         con: &mut Conn,
         docs: &[String],
     ) -> Result<(u64, Vec<(String, String)>)> {
-        let mut invocations = Vec::new();
-        for chunk in docs.chunks(DOCS_PER_CALL) {
-            let mut inv = self.invocation(&self.expire, chunk.iter().map(String::as_str));
-            inv.arg(chunk.len()).arg(EXPIRE_PER_DOC);
-            for doc in chunk {
-                inv.arg(doc);
-            }
-            invocations.push(inv);
-        }
+        let calls = self.plan(docs.iter().map(|d| (d.as_str(), 1)));
+        let invocations: Vec<_> = calls
+            .iter()
+            .map(|call| {
+                let mut inv = self.invocation(&self.expire, call.iter().map(|&i| docs[i].as_str()));
+                inv.arg(call.len()).arg(EXPIRE_PER_DOC);
+                for &i in call {
+                    inv.arg(&docs[i]);
+                }
+                inv
+            })
+            .collect();
         let replies: Vec<Vec<(u64, String)>> =
             invoke_pipelined(con, &self.expire, &invocations).await?;
         let mut total = 0;
         let mut emitted = Vec::new();
-        for (doc, (n, reason)) in docs.iter().zip(replies.into_iter().flatten()) {
-            total += n;
-            if !reason.is_empty() {
-                emitted.push((doc.clone(), reason));
+        for (call, replies) in calls.iter().zip(replies) {
+            for (&i, (n, reason)) in call.iter().zip(replies) {
+                total += n;
+                if !reason.is_empty() {
+                    emitted.push((docs[i].clone(), reason));
+                }
             }
         }
         Ok((total, emitted))
+    }
+
+    /// Groups documents (given with their number of sessions) into script calls: in order, at
+    /// most [`DOCS_PER_CALL`] documents and [`SESSIONS_PER_CALL`] sessions per call (a bigger
+    /// document gets a call of its own), and on a cluster only documents of one hash slot per
+    /// call. Returns the documents' indexes per call.
+    fn plan<'d>(&self, docs: impl Iterator<Item = (&'d str, usize)>) -> Vec<Vec<usize>> {
+        // Open calls by slot (a single one on a standalone Redis), each with its sessions.
+        let mut open: std::collections::HashMap<u16, (Vec<usize>, usize)> = Default::default();
+        let mut calls = Vec::new();
+        for (i, (doc, sessions)) in docs.enumerate() {
+            let slot = if self.keys.is_cluster() {
+                self.keys.doc_slot(doc)
+            } else {
+                0
+            };
+            let call = open.entry(slot).or_default();
+            if !call.0.is_empty()
+                && (call.0.len() == DOCS_PER_CALL || call.1 + sessions > SESSIONS_PER_CALL)
+            {
+                calls.push(std::mem::take(&mut call.0));
+                call.1 = 0;
+            }
+            call.0.push(i);
+            call.1 += sessions;
+        }
+        let mut rest: Vec<Vec<usize>> = open
+            .into_values()
+            .map(|(c, _)| c)
+            .filter(|c| !c.is_empty())
+            .collect();
+        rest.sort_unstable_by_key(|c| c[0]);
+        calls.extend(rest);
+        calls
     }
 
     /// Applies every document's updates; returns, per document, one outcome per session and the
@@ -143,53 +191,46 @@ impl Applier {
     ///
     /// Safe to call again with the same updates after any failure: the script is idempotent.
     pub async fn apply(&self, con: &mut Conn, docs: &[DocUpdate]) -> Result<Vec<Applied>> {
-        let mut invocations = Vec::new();
-        let mut start = 0;
-        while start < docs.len() {
-            let mut end = start;
-            let mut sessions = 0;
-            while end < docs.len()
-                && end - start < DOCS_PER_CALL
-                && (end == start || sessions + docs[end].sessions.len() <= SESSIONS_PER_CALL)
-            {
-                sessions += docs[end].sessions.len();
-                end += 1;
+        let calls = self.plan(docs.iter().map(|d| (d.doc.as_str(), d.sessions.len())));
+        let invocations: Vec<_> = calls
+            .iter()
+            .map(|call| self.apply_invocation(call.iter().map(|&i| &docs[i])))
+            .collect();
+        let replies: Vec<Vec<(Vec<i64>, String)>> =
+            invoke_pipelined(con, &self.script, &invocations).await?;
+        let mut out = vec![Applied::default(); docs.len()];
+        let mut answered = 0;
+        for (call, replies) in calls.iter().zip(replies) {
+            for (&i, (codes, snapshot)) in call.iter().zip(replies) {
+                answered += 1;
+                out[i] = Applied {
+                    outcomes: codes
+                        .into_iter()
+                        .map(|c| match c {
+                            0 => Outcome::Applied,
+                            2 => Outcome::Duplicate,
+                            _ => Outcome::Stale,
+                        })
+                        .collect(),
+                    snapshot,
+                };
             }
-            invocations.push(self.apply_invocation(&docs[start..end]));
-            start = end;
         }
-        let replies: Vec<(Vec<i64>, String)> =
-            invoke_pipelined::<Vec<_>>(con, &self.script, &invocations)
-                .await?
-                .into_iter()
-                .flatten()
-                .collect();
-        if replies.len() != docs.len() {
+        if answered != docs.len() {
             return Err(Error::Protocol(format!(
-                "{} replies for {} documents",
-                replies.len(),
+                "{answered} replies for {} documents",
                 docs.len()
             )));
         }
-        Ok(replies
-            .into_iter()
-            .map(|(codes, snapshot)| Applied {
-                outcomes: codes
-                    .into_iter()
-                    .map(|c| match c {
-                        0 => Outcome::Applied,
-                        2 => Outcome::Duplicate,
-                        _ => Outcome::Stale,
-                    })
-                    .collect(),
-                snapshot,
-            })
-            .collect())
+        Ok(out)
     }
 
-    fn apply_invocation<'s>(&'s self, docs: &[DocUpdate]) -> ScriptInvocation<'s> {
-        let mut inv = self.invocation(&self.script, docs.iter().map(|d| d.doc.as_str()));
-        inv.arg(docs.len());
+    fn apply_invocation<'s, 'd>(
+        &'s self,
+        docs: impl Iterator<Item = &'d DocUpdate> + Clone,
+    ) -> ScriptInvocation<'s> {
+        let mut inv = self.invocation(&self.script, docs.clone().map(|d| d.doc.as_str()));
+        inv.arg(docs.clone().count());
         for d in docs {
             inv.arg(&d.doc).arg(d.sessions.len());
             for s in &d.sessions {
@@ -217,10 +258,13 @@ impl Applier {
     fn invocation<'s, 'd>(
         &self,
         script: &'s Script,
-        docs: impl Iterator<Item = &'d str>,
+        docs: impl Iterator<Item = &'d str> + Clone,
     ) -> ScriptInvocation<'s> {
         let mut inv = script.prepare_invoke();
-        for key in self.globals.script_keys() {
+        let globals = self
+            .keys
+            .globals_of(docs.clone().next().unwrap_or_default());
+        for key in globals.script_keys() {
             inv.key(key);
         }
         for doc in docs {
@@ -236,12 +280,29 @@ impl Applier {
 
 /// Runs `invocations` of `script`, pipelined in groups, and returns one reply per invocation.
 /// After a restart or failover the script cache is empty: the script is loaded and the group goes
-/// again (every document script is idempotent).
+/// again (every document script is idempotent). On a cluster, where a pipeline cannot span hash
+/// slots, the invocations (each within one slot) are sent concurrently instead, and each reloads
+/// the script on the node that lost it.
 pub(crate) async fn invoke_pipelined<T: redis::FromRedisValue>(
     con: &mut Conn,
     script: &Script,
     invocations: &[ScriptInvocation<'_>],
 ) -> Result<Vec<T>> {
+    if con.is_cluster() {
+        use futures_util::StreamExt as _;
+        let mut out = Vec::with_capacity(invocations.len());
+        for group in invocations.chunks(crate::connection::CLUSTER_CONCURRENCY) {
+            let mut calls = futures_util::stream::FuturesOrdered::new();
+            for inv in group {
+                let mut con = con.clone();
+                calls.push_back(async move { inv.invoke_async::<T>(&mut con).await });
+            }
+            while let Some(reply) = calls.next().await {
+                out.push(reply?);
+            }
+        }
+        return Ok(out);
+    }
     let mut out = Vec::with_capacity(invocations.len());
     for group in invocations.chunks(CALLS_PER_PIPELINE) {
         let mut pipe = redis::pipe();
@@ -263,9 +324,7 @@ pub(crate) async fn invoke_pipelined<T: redis::FromRedisValue>(
 /// A 32-bit FNV-1a hash of an event id: what the session record keeps to recognise the same
 /// event again (a collision only mislabels a metric: duplicate instead of applied).
 pub fn id_hash(id: &str) -> u32 {
-    id.bytes().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-    })
+    crate::shard::fnv1a32(id.as_bytes())
 }
 
 fn push_version(inv: &mut ScriptInvocation<'_>, v: &Version) {

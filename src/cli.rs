@@ -24,7 +24,9 @@ pub struct Cli {
 /// Options every subcommand shares.
 #[derive(Debug, Args)]
 pub struct Common {
-    /// Redis URL: `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS.
+    /// Redis URL: `redis://[user:password@]host[:port][/db]`, or `rediss://` for TLS; a Redis
+    /// Cluster by its seed nodes: `redis+cluster://[user:password@]host:port[,host:port...]`
+    /// (`rediss+cluster://` for TLS).
     // `hide_env_values`: `--help` would otherwise print REDIS_URL's value, password included.
     #[arg(
         long,
@@ -59,6 +61,17 @@ pub struct Common {
         global = true
     )]
     pub stream: String,
+    /// Spread events over this many streams `<stream>:{0}` ... `<stream>:{N-1}` by document
+    /// (FNV-1a-32 of the document id mod N; see the README). 0: the one stream `--stream`.
+    /// Workers consume every shard; producers, workers and ops commands must agree on N.
+    #[arg(
+        long,
+        env = "PRESENCE_STREAM_SHARDS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u32).range(0..=1024),
+        global = true
+    )]
+    pub stream_shards: u32,
     /// Prefix of the state keys.
     #[arg(
         long,
@@ -332,6 +345,7 @@ impl RunArgs {
         let mut c = WorkerConfig::new(&common.redis_url, consumer);
         c.connect = common.connect_options();
         c.stream.clone_from(&common.stream);
+        c.stream_shards = common.stream_shards;
         c.prefix.clone_from(&common.prefix);
         c.group.clone_from(&self.group);
         c.batch = self.batch;

@@ -83,7 +83,8 @@ pub async fn execute(cli: Cli) -> Result<()> {
                 &common.connect_options(),
                 &common.stream,
             )
-            .await?;
+            .await?
+            .with_shards(common.stream_shards);
             let id = producer.publish(&ev).await?;
             println!("{id} {}", ev.id);
             Ok(())
@@ -135,19 +136,27 @@ pub async fn execute(cli: Cli) -> Result<()> {
             json,
         } => {
             let mut con = connect(common).await?;
-            let keys = Keys::new(&common.prefix);
-            let st =
-                crate::ops::status(&mut con, &keys, &common.stream, &dead_letter_stream).await?;
-            if json {
-                println!("{}", to_json(&st)?);
+            let keys = Keys::new(&common.prefix).with_cluster(con.is_cluster());
+            // One status per stream (per shard with --stream-shards).
+            let mut all = Vec::new();
+            for stream in crate::shard::streams(&common.stream, common.stream_shards) {
+                all.push(crate::ops::status(&mut con, &keys, &stream, &dead_letter_stream).await?);
+            }
+            if json && common.stream_shards == 0 {
+                println!("{}", to_json(&all[0])?);
+            } else if json {
+                println!("{}", to_json(&all)?);
             } else {
-                print!("{}", render_status(&st));
+                for st in &all {
+                    print!("{}", render_status(st));
+                }
             }
             Ok(())
         }
         Command::Top { n } => {
             let mut con = connect(common).await?;
-            let rows = crate::ops::top(&mut con, &Keys::new(&common.prefix), n).await?;
+            let keys = Keys::new(&common.prefix).with_cluster(con.is_cluster());
+            let rows = crate::ops::top(&mut con, &keys, n).await?;
             println!("{:>8}  document", "users");
             for (doc, users) in rows {
                 println!("{users:>8}  {doc}");
@@ -160,7 +169,7 @@ pub async fn execute(cli: Cli) -> Result<()> {
             session_ttl,
         } => {
             let mut con = connect(common).await?;
-            let keys = Keys::new(&common.prefix);
+            let keys = Keys::new(&common.prefix).with_cluster(con.is_cluster());
             let (h, t) = (history.as_millis() as u64, session_ttl.as_millis() as u64);
             let report =
                 crate::ops::repair(&mut con, &keys, h, t, fix, crate::ops::print_progress).await?;

@@ -22,8 +22,10 @@ pub enum GroupStart {
 pub struct WorkerConfig {
     /// Redis URL (`redis://host:port/db`, credentials allowed).
     pub redis_url: String,
-    /// Events stream.
+    /// Events stream (with `stream_shards`, the base name of the shards).
     pub stream: String,
+    /// 0: one events stream, `stream`; N: the N shards `<stream>:{0}` ... (see [`crate::shard`]).
+    pub stream_shards: u32,
     /// Consumer group shared by the replicas.
     pub group: String,
     /// This replica's consumer name; stable across restarts so it replays its own pending entries.
@@ -73,6 +75,7 @@ impl WorkerConfig {
         Self {
             redis_url: redis_url.into(),
             stream: "sessions:events".into(),
+            stream_shards: 0,
             group: "presence".into(),
             consumer: consumer.into(),
             prefix: "sessions".into(),
@@ -96,6 +99,11 @@ impl WorkerConfig {
         }
     }
 
+    /// The events streams this worker consumes: `stream`, or its shards.
+    pub fn streams(&self) -> Vec<String> {
+        crate::shard::streams(&self.stream, self.stream_shards)
+    }
+
     /// Checks every value, naming the first bad one.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: String| Err(Error::Config(m));
@@ -112,8 +120,14 @@ impl WorkerConfig {
                 ));
             }
         }
-        if self.stream == self.dead_letter_stream {
-            return bad("--dead-letter-stream must differ from --stream".into());
+        if self.streams().contains(&self.dead_letter_stream) {
+            return bad("--dead-letter-stream must differ from the events stream(s)".into());
+        }
+        if self.stream_shards > 1024 {
+            return bad(format!(
+                "--stream-shards {} must be between 0 (one stream) and 1024",
+                self.stream_shards
+            ));
         }
         if self.batch == 0 || self.batch > 100_000 {
             return bad(format!(

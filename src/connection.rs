@@ -332,6 +332,118 @@ impl Conn {
     }
 }
 
+/// How many single-slot commands are in flight at once on a cluster (see [`Conn::query_all`]).
+pub const CLUSTER_CONCURRENCY: usize = 64;
+
+impl Conn {
+    /// Runs independent commands, each within one hash slot, and returns their replies in order:
+    /// pipelined on a single server, concurrently (a bounded number in flight) on a cluster.
+    pub async fn query_all<T: redis::FromRedisValue + Send>(
+        &mut self,
+        cmds: &[redis::Cmd],
+    ) -> Result<Vec<T>> {
+        use futures_util::StreamExt as _;
+        let mut out = Vec::with_capacity(cmds.len());
+        if !self.is_cluster() {
+            for group in cmds.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for cmd in group {
+                    pipe.add_command(cmd.clone());
+                }
+                out.extend(pipe.query_async::<Vec<T>>(self).await?);
+            }
+            return Ok(out);
+        }
+        for group in cmds.chunks(CLUSTER_CONCURRENCY) {
+            let mut calls = futures_util::stream::FuturesOrdered::new();
+            for cmd in group {
+                let mut con = self.clone();
+                calls.push_back(async move { cmd.query_async::<T>(&mut con).await });
+            }
+            while let Some(reply) = calls.next().await {
+                out.push(reply?);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Conn {
+    /// Every key matching `pattern`, by `SCAN` (never a blocking `KEYS`): on a cluster, on every
+    /// primary in turn.
+    pub async fn scan_match(&mut self, pattern: &str) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        match self {
+            Conn::Single(con) => {
+                let mut scan = redis::cmd("SCAN");
+                scan.cursor_arg(0)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000);
+                let mut iter: redis::AsyncIter<String> = scan.iter_async(con).await?;
+                while let Some(key) = iter.next_item().await {
+                    keys.push(key?);
+                }
+            }
+            Conn::Cluster(con) => {
+                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                for (host, port) in primaries(con).await? {
+                    let mut cursor = 0u64;
+                    loop {
+                        let mut scan = redis::cmd("SCAN");
+                        scan.arg(cursor)
+                            .arg("MATCH")
+                            .arg(pattern)
+                            .arg("COUNT")
+                            .arg(1000);
+                        let route = SingleNodeRoutingInfo::ByAddress {
+                            host: host.clone(),
+                            port,
+                        };
+                        let reply = con
+                            .route_command(scan, RoutingInfo::SingleNode(route))
+                            .await?;
+                        let (next, batch): (u64, Vec<String>) =
+                            redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+                        keys.extend(batch);
+                        if next == 0 {
+                            break;
+                        }
+                        cursor = next;
+                    }
+                }
+            }
+        }
+        Ok(keys)
+    }
+}
+
+/// The primaries of a cluster (host, port), from `CLUSTER SLOTS`.
+async fn primaries(
+    con: &mut redis::cluster_async::ClusterConnection,
+) -> Result<Vec<(String, u16)>> {
+    let ranges: Vec<Vec<redis::Value>> =
+        redis::cmd("CLUSTER").arg("SLOTS").query_async(con).await?;
+    let mut out: Vec<(String, u16)> = Vec::new();
+    for range in ranges {
+        let Some(primary) = range.get(2) else {
+            continue;
+        };
+        let (host, port): (String, u16) = match primary {
+            redis::Value::Array(node) if node.len() >= 2 => (
+                redis::from_redis_value(node[0].clone()).map_err(redis::RedisError::from)?,
+                redis::from_redis_value(node[1].clone()).map_err(redis::RedisError::from)?,
+            ),
+            _ => continue,
+        };
+        if !out.contains(&(host.clone(), port)) {
+            out.push((host, port));
+        }
+    }
+    Ok(out)
+}
+
 impl From<ConnectionManager> for Conn {
     fn from(con: ConnectionManager) -> Self {
         Conn::Single(con)

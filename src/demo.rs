@@ -51,7 +51,9 @@ pub async fn run(common: &Common, args: DemoArgs) -> Result<()> {
         stats.clone(),
     ));
 
-    let mut producer = Producer::connect(&common.redis_url, &common.stream).await?;
+    let mut producer = Producer::connect(&common.redis_url, &common.stream)
+        .await?
+        .with_shards(common.stream_shards);
     let client = crate::connection::open(&common.redis_url, &Default::default())?;
     let mut con = crate::connection::connect(&client, Duration::from_secs(5)).await?;
     let keys = Keys::new(&common.prefix);

@@ -127,15 +127,27 @@ pub async fn replay(con: &mut Conn, dead_stream: &str, ids: &[String]) -> Result
                 e.id
             )));
         }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        let cmd = pipe.cmd("XADD").arg(&e.stream).arg("*");
+        let mut add = redis::cmd("XADD");
+        add.arg(&e.stream).arg("*");
         for (k, v) in &e.raw {
-            cmd.arg(k).arg(v);
+            add.arg(k).arg(v);
         }
-        cmd.ignore();
-        pipe.cmd("XDEL").arg(dead_stream).arg(&e.id).ignore();
-        pipe.query_async::<()>(con).await?;
+        let mut del = redis::cmd("XDEL");
+        del.arg(dead_stream).arg(&e.id);
+        if con.is_cluster() {
+            // Different hash slots: no transaction. A crash between the two replays the entry
+            // twice, which the worker recognises (same event id).
+            add.query_async::<()>(con).await?;
+            del.query_async::<()>(con).await?;
+        } else {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .add_command(add)
+                .ignore()
+                .add_command(del)
+                .ignore();
+            pipe.query_async::<()>(con).await?;
+        }
     }
     Ok(entries.len())
 }

@@ -69,17 +69,122 @@ impl GlobalKeys {
     }
 }
 
+/// Number of hash slots of a Redis Cluster.
+pub const SLOTS: u16 = 16384;
+
+/// The hash slot of `key` by Redis Cluster's rule: CRC16 (XMODEM) of the hash tag (the text
+/// between the first `{` and the next `}`, when not empty), else of the whole key, mod 16384.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let rest = &key[open + 1..];
+        let close = rest.iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &rest[..close])
+    });
+    crc16(tagged.unwrap_or(key)) % SLOTS
+}
+
+/// CRC16-CCITT (XMODEM), as Redis Cluster uses it.
+fn crc16(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0u16, |mut crc, &b| {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+        crc
+    })
+}
+
+/// For every hash slot, a short hash tag that lands in it (the smallest decimal number does).
+fn slot_tags() -> &'static [String] {
+    static TAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); usize::from(SLOTS)];
+        let mut missing = usize::from(SLOTS);
+        let mut n = 0u64;
+        while missing > 0 {
+            let tag = n.to_string();
+            let slot = usize::from(crc16(tag.as_bytes()) % SLOTS);
+            if tags[slot].is_empty() {
+                tags[slot] = tag;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    })
+}
+
 /// Builds key names under one prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    cluster: bool,
 }
 
 impl Keys {
-    /// Keys under `prefix` (default `sessions`).
+    /// Keys under `prefix` (default `sessions`), for a standalone Redis.
     pub fn new(prefix: impl Into<String>) -> Self {
         Self {
             prefix: prefix.into(),
+            cluster: false,
+        }
+    }
+
+    /// The same keys laid out for a Redis Cluster (`true`) or a standalone Redis (`false`): on a
+    /// cluster the "global" keys (expiry index, totals, top, outboxes) exist once per hash slot,
+    /// beside the documents of that slot, so every document step stays within one slot.
+    #[must_use]
+    pub fn with_cluster(mut self, cluster: bool) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Whether the layout is the cluster one.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// The hash slot of every key of document `doc`.
+    pub fn doc_slot(&self, doc: &str) -> u16 {
+        key_slot(self.doc(doc).users.as_bytes())
+    }
+
+    /// The global keys of hash slot `slot` (cluster layout):
+    /// `<prefix>:slot:{<tag>}:expiry|stats|top|outboxes`, where `<tag>` hashes to `slot`.
+    pub fn slot_globals(&self, slot: u16) -> GlobalKeys {
+        let base = format!(
+            "{}:slot:{{{}}}:",
+            self.prefix,
+            slot_tags()[usize::from(slot)]
+        );
+        GlobalKeys {
+            expiry: format!("{base}expiry"),
+            stats: format!("{base}stats"),
+            top: format!("{base}top"),
+            outboxes: format!("{base}outboxes"),
+        }
+    }
+
+    /// The global keys document `doc`'s scripts write: the shared ones on a standalone Redis,
+    /// those of the document's slot on a cluster.
+    pub fn globals_of(&self, doc: &str) -> GlobalKeys {
+        if self.cluster {
+            self.slot_globals(self.doc_slot(doc))
+        } else {
+            self.globals()
+        }
+    }
+
+    /// Every set of global keys: one on a standalone Redis, one per hash slot on a cluster.
+    pub fn all_globals(&self) -> Vec<GlobalKeys> {
+        if self.cluster {
+            (0..SLOTS).map(|slot| self.slot_globals(slot)).collect()
+        } else {
+            vec![self.globals()]
         }
     }
 
@@ -110,7 +215,7 @@ impl Keys {
         format!("{}:doc:{{", self.prefix)
     }
 
-    /// The keys shared by all documents.
+    /// The keys shared by all documents on a standalone Redis (see [`Keys::globals_of`]).
     pub fn globals(&self) -> GlobalKeys {
         GlobalKeys {
             expiry: format!("{}:expiry", self.prefix),
@@ -164,6 +269,40 @@ mod tests {
         assert_eq!(k.alive, "sessions:doc:{42}:alive");
         assert_eq!(k.snapshot, "sessions:doc:{42}:snapshot");
         assert_eq!(k.presence_channel, "sessions:doc:{42}:presence");
+    }
+
+    #[test]
+    fn key_slots_follow_redis_cluster() {
+        // Values from CLUSTER KEYSLOT on Redis 7.0 (and the cluster specification's example).
+        assert_eq!(crc16(b"123456789"), 0x31c3);
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"{user1000}.following"), key_slot(b"user1000"));
+        assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
+        assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
+        assert_eq!(key_slot(b"foo{bar}{zap}"), key_slot(b"bar"));
+    }
+
+    #[test]
+    fn every_slot_has_its_global_keys() {
+        let keys = Keys::new("sessions").with_cluster(true);
+        for slot in [0, 1, 777, SLOTS - 1] {
+            let g = keys.slot_globals(slot);
+            for k in g.script_keys() {
+                assert_eq!(key_slot(k.as_bytes()), slot, "{k}");
+            }
+        }
+        for doc in ["a", "a}:b", "{x}", "doc-42"] {
+            let g = keys.globals_of(doc);
+            let d = keys.doc(doc);
+            for k in g.script_keys().into_iter().chain(d.script_keys()) {
+                assert_eq!(key_slot(k.as_bytes()), keys.doc_slot(doc), "{k}");
+            }
+        }
+        assert_eq!(keys.all_globals().len(), usize::from(SLOTS));
+        assert_eq!(
+            Keys::new("sessions").globals_of("a"),
+            Keys::new("sessions").globals()
+        );
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub mod reclaim;
 pub mod redact;
 pub mod retention;
 pub mod retry;
+pub mod shard;
 pub mod shutdown;
 pub mod snapshot;
 pub mod stream_id;

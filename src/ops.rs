@@ -5,7 +5,7 @@
 use std::io::Write as _;
 
 use crate::connection::Conn;
-use redis::{AsyncIter, Script};
+use redis::Script;
 use serde::Serialize;
 
 use crate::error::Result;
@@ -70,21 +70,10 @@ pub async fn status(
     stream: &str,
     dead_stream: &str,
 ) -> Result<Status> {
-    let stats = keys.globals().stats;
-    let (stream_length, dead_letters, live, present, time): (
-        u64,
-        u64,
-        Option<i64>,
-        Option<i64>,
-        (u64, u64),
-    ) = redis::pipe()
-        .xlen(stream)
-        .xlen(dead_stream)
-        .hget(&stats, "live_sessions")
-        .hget(&stats, "present_users")
-        .cmd("TIME")
-        .query_async(con)
-        .await?;
+    let stream_length: u64 = redis::cmd("XLEN").arg(stream).query_async(con).await?;
+    let dead_letters: u64 = redis::cmd("XLEN").arg(dead_stream).query_async(con).await?;
+    let (live, present) = totals(con, keys).await?;
+    let time: (u64, u64) = redis::cmd("TIME").query_async(con).await?;
     let now_ms = time.0 * 1000 + time.1 / 1000;
     let mut out = Vec::new();
     let found = if stream_length > 0 || exists(con, stream).await? {
@@ -131,8 +120,8 @@ pub async fn status(
         stream: stream.to_owned(),
         stream_length,
         dead_letters,
-        live_sessions: live.unwrap_or(0),
-        present_users: present.unwrap_or(0),
+        live_sessions: live,
+        present_users: present,
         groups: out,
     })
 }
@@ -145,21 +134,55 @@ async fn exists(con: &mut Conn, key: &str) -> Result<bool> {
         == 1)
 }
 
+/// The totals over all documents: live sessions and present users (on a cluster, the sum of
+/// every hash slot's totals).
+pub async fn totals(con: &mut Conn, keys: &Keys) -> Result<(i64, i64)> {
+    let cmds: Vec<redis::Cmd> = keys
+        .all_globals()
+        .into_iter()
+        .map(|g| {
+            redis::cmd("HMGET")
+                .arg(g.stats)
+                .arg("live_sessions")
+                .arg("present_users")
+                .to_owned()
+        })
+        .collect();
+    let rows: Vec<(Option<i64>, Option<i64>)> = con.query_all(&cmds).await?;
+    Ok(rows.into_iter().fold((0, 0), |(l, p), (a, b)| {
+        (l + a.unwrap_or(0), p + b.unwrap_or(0))
+    }))
+}
+
 /// The `n` documents with the most users present, most first.
 pub async fn top(con: &mut Conn, keys: &Keys, n: usize) -> Result<Vec<(String, u64)>> {
-    let rows: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg(keys.globals().top)
-        .arg("+inf")
-        .arg("1")
-        .arg("BYSCORE")
-        .arg("REV")
-        .arg("LIMIT")
-        .arg(0)
-        .arg(n)
-        .arg("WITHSCORES")
-        .query_async(con)
-        .await?;
-    Ok(rows.into_iter().map(|(d, c)| (d, c as u64)).collect())
+    let cmds: Vec<redis::Cmd> = keys
+        .all_globals()
+        .into_iter()
+        .map(|g| {
+            redis::cmd("ZRANGE")
+                .arg(g.top)
+                .arg("+inf")
+                .arg("1")
+                .arg("BYSCORE")
+                .arg("REV")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(n)
+                .arg("WITHSCORES")
+                .to_owned()
+        })
+        .collect();
+    let mut rows: Vec<(String, u64)> = con
+        .query_all::<Vec<(String, f64)>>(&cmds)
+        .await?
+        .into_iter()
+        .flatten()
+        .map(|(d, c)| (d, c as u64))
+        .collect();
+    rows.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
+    rows.truncate(n);
+    Ok(rows)
 }
 
 /// What `repair` found.
@@ -186,21 +209,13 @@ pub async fn repair(
 ) -> Result<RepairReport> {
     let mut docs = std::collections::BTreeSet::new();
     for pattern in [keys.sessions_pattern(), keys.users_pattern()] {
-        let mut scan = redis::cmd("SCAN");
-        scan.cursor_arg(0)
-            .arg("MATCH")
-            .arg(pattern)
-            .arg("COUNT")
-            .arg(1000);
-        let mut iter: AsyncIter<String> = scan.iter_async(con).await?;
-        while let Some(key) = iter.next_item().await {
-            if let Some(doc) = keys.doc_of(&key?) {
+        for key in con.scan_match(&pattern).await? {
+            if let Some(doc) = keys.doc_of(&key) {
                 docs.insert(doc.to_owned());
             }
         }
     }
     let script = Script::new(REPAIR_LUA);
-    let globals = keys.globals();
     let mut report = RepairReport {
         fixed: fix,
         ..Default::default()
@@ -208,7 +223,8 @@ pub async fn repair(
     let total = docs.len() as u64;
     for doc in docs {
         let mut inv = script.prepare_invoke();
-        for key in globals
+        for key in keys
+            .globals_of(&doc)
             .script_keys()
             .into_iter()
             .chain(keys.doc(&doc).script_keys())

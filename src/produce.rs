@@ -40,6 +40,7 @@ impl Default for RetryPolicy {
 pub struct Producer {
     con: Conn,
     stream: String,
+    shards: u32,
     limits: Limits,
     breaker: Breaker,
     policy: RetryPolicy,
@@ -62,10 +63,24 @@ impl Producer {
         Ok(Self {
             con,
             stream: stream.into(),
+            shards: 0,
             limits: Limits::default(),
             breaker: Breaker::new("producer", BreakerConfig::default()),
             policy: RetryPolicy::default(),
         })
+    }
+
+    /// Appends to the `shards` shards of the stream (`<stream>:{k}`, k from the document id; see
+    /// [`crate::shard`]) instead of the stream itself (0).
+    #[must_use]
+    pub fn with_shards(mut self, shards: u32) -> Self {
+        self.shards = shards;
+        self
+    }
+
+    /// The stream an event of `doc` goes to.
+    pub fn stream_for(&self, doc: &str) -> String {
+        crate::shard::stream_for(&self.stream, self.shards, doc)
     }
 
     /// Replaces the retry policy.
@@ -94,7 +109,10 @@ impl Producer {
         event.validate(&self.limits)?;
         let payload = event.encode()?;
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(&self.stream).arg("*").arg("e").arg(payload);
+        cmd.arg(self.stream_for(&event.doc))
+            .arg("*")
+            .arg("e")
+            .arg(payload);
         let cmd = &cmd;
         let id: String = self
             .with_retries(|mut con| async move { cmd.query_async(&mut con).await })
@@ -102,22 +120,40 @@ impl Producer {
         parse_id(&id)
     }
 
-    /// Appends many events in one round trip; returns their entry ids in order.
+    /// Appends many events in one round trip per stream (one in all unless sharded); returns
+    /// their entry ids in order.
     pub async fn publish_many(&mut self, events: &[Event]) -> Result<Vec<StreamId>> {
-        let mut pipe = redis::pipe();
-        for ev in events {
+        // Events by stream, in order, with their places (a pipeline stays within one stream, so
+        // within one hash slot on a cluster).
+        let mut by_stream: Vec<(String, Vec<usize>, redis::Pipeline)> = Vec::new();
+        for (i, ev) in events.iter().enumerate() {
             ev.validate(&self.limits)?;
+            let stream = self.stream_for(&ev.doc);
+            let at = match by_stream.iter().position(|(s, _, _)| *s == stream) {
+                Some(at) => at,
+                None => {
+                    by_stream.push((stream.clone(), Vec::new(), redis::pipe()));
+                    by_stream.len() - 1
+                }
+            };
+            let (_, places, pipe) = &mut by_stream[at];
+            places.push(i);
             pipe.cmd("XADD")
-                .arg(&self.stream)
+                .arg(stream)
                 .arg("*")
                 .arg("e")
                 .arg(ev.encode()?);
         }
-        let pipe = &pipe;
-        let ids: Vec<String> = self
-            .with_retries(|mut con| async move { pipe.query_async(&mut con).await })
-            .await?;
-        ids.iter().map(|id| parse_id(id)).collect()
+        let mut ids = vec![StreamId::default(); events.len()];
+        for (_, places, pipe) in &by_stream {
+            let got: Vec<String> = self
+                .with_retries(|mut con| async move { pipe.query_async(&mut con).await })
+                .await?;
+            for (&i, id) in places.iter().zip(&got) {
+                ids[i] = parse_id(id)?;
+            }
+        }
+        Ok(ids)
     }
 
     async fn with_retries<T, F, Fut>(&mut self, mut op: F) -> Result<T>

@@ -18,6 +18,12 @@ use crate::keys::Keys;
 /// Moves one document's outbox to the snapshot stream.
 const FLUSH_LUA: &str = include_str!("lua/flush.lua");
 
+/// Appends requests to the snapshot stream once each, by id (cluster flush, step 1).
+const PUBLISH_ONCE_LUA: &str = include_str!("lua/publish_once.lua");
+
+/// Removes appended requests from an outbox (cluster flush, step 2).
+const OUTBOX_DONE_LUA: &str = include_str!("lua/outbox_done.lua");
+
 /// When snapshot requests are emitted and where they go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotConfig {
@@ -163,15 +169,23 @@ pub fn decode_request(bytes: &[u8]) -> Result<SnapshotRequest> {
 #[derive(Debug, Clone)]
 pub struct Flusher {
     script: Script,
+    publish_once: Script,
+    outbox_done: Script,
     keys: Keys,
     stream: String,
 }
+
+/// How long the cluster flush remembers the ids of requests it appended (see
+/// `lua/publish_once.lua`): far longer than any flush can be interrupted.
+const SEEN_FOR_MS: u64 = 24 * 3600 * 1000;
 
 impl Flusher {
     /// A flusher for documents under `keys`, writing to `stream`.
     pub fn new(keys: Keys, stream: impl Into<String>) -> Self {
         Self {
             script: Script::new(FLUSH_LUA),
+            publish_once: Script::new(PUBLISH_ONCE_LUA),
+            outbox_done: Script::new(OUTBOX_DONE_LUA),
             keys,
             stream: stream.into(),
         }
@@ -179,6 +193,13 @@ impl Flusher {
 
     /// Flushes the outboxes of `docs`, in pipelined round trips; returns the requests moved.
     pub async fn flush(&self, con: &mut Conn, docs: &[String]) -> Result<u64> {
+        if self.keys.is_cluster() {
+            let mut moved = 0;
+            for doc in docs {
+                moved += self.flush_across_slots(con, doc).await?;
+            }
+            return Ok(moved);
+        }
         let outboxes = self.keys.globals().outboxes;
         let invocations: Vec<_> = docs
             .iter()
@@ -193,13 +214,74 @@ impl Flusher {
         Ok(flushed.iter().sum())
     }
 
-    /// Flushes every outbox left non-empty (by a replica that stopped before flushing).
-    pub async fn flush_all(&self, con: &mut Conn) -> Result<u64> {
-        let docs: Vec<String> = redis::cmd("SRANDMEMBER")
-            .arg(self.keys.globals().outboxes)
-            .arg(500)
+    /// The seen-ids key of the snapshot stream: in the stream's hash slot.
+    fn seen_key(&self) -> Result<String> {
+        let stream = &self.stream;
+        let slot = crate::keys::key_slot(stream.as_bytes());
+        [format!("{stream}:seen"), format!("{{{stream}}}:seen")]
+            .into_iter()
+            .find(|k| crate::keys::key_slot(k.as_bytes()) == slot)
+            .ok_or_else(|| {
+                Error::Config(format!(
+                    "--snapshot-stream {stream:?}: no key in its hash slot for the ids of \
+                     appended requests; use a name without braces or with one hash tag"
+                ))
+            })
+    }
+
+    /// On a cluster the outbox and the snapshot stream are in different hash slots: the requests
+    /// are appended once each by id (`lua/publish_once.lua`), then removed from the outbox
+    /// (`lua/outbox_done.lua`). A crash in between leaves them queued; the next flush skips
+    /// the ids already appended and empties the outbox, so each request still appears once.
+    async fn flush_across_slots(&self, con: &mut Conn, doc: &str) -> Result<u64> {
+        let outbox = self.keys.doc(doc).outbox;
+        let requests: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            .arg(&outbox)
+            .arg(0)
+            .arg(99)
             .query_async(con)
             .await?;
+        if !requests.is_empty() {
+            let mut publish = self.publish_once.key(&self.stream);
+            publish.key(self.seen_key()?).arg(SEEN_FOR_MS);
+            for r in &requests {
+                // Undecodable bytes (a hand-edited outbox) are their own id.
+                match decode_request(r) {
+                    Ok(req) => publish.arg(req.snapshot_id),
+                    Err(_) => publish.arg(r),
+                };
+                publish.arg(r);
+            }
+            publish.invoke_async::<u64>(con).await?;
+        }
+        let mut done = self.outbox_done.key(&outbox);
+        done.key(self.keys.globals_of(doc).outboxes).arg(doc);
+        for r in &requests {
+            done.arg(r);
+        }
+        Ok(done.invoke_async(con).await?)
+    }
+
+    /// Flushes every outbox left non-empty (by a replica that stopped before flushing).
+    pub async fn flush_all(&self, con: &mut Conn) -> Result<u64> {
+        let cmds: Vec<redis::Cmd> = self
+            .keys
+            .all_globals()
+            .into_iter()
+            .map(|g| {
+                redis::cmd("SRANDMEMBER")
+                    .arg(g.outboxes)
+                    .arg(500)
+                    .to_owned()
+            })
+            .collect();
+        let mut docs: Vec<String> = con
+            .query_all::<Vec<String>>(&cmds)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        docs.truncate(500);
         self.flush(con, &docs).await
     }
 }

@@ -83,17 +83,13 @@ pub async fn run_with_stats(
     config.validate()?;
     let client = connection::open(&config.redis_url, &config.connect)?;
     let mut apply_con = connection::connect(&client, config.response_timeout).await?;
-    let read_con = connection::connect(&client, config.block + config.response_timeout).await?;
-    read::ensure_group(
-        &mut apply_con,
-        &config.stream,
-        &config.group,
-        config.group_start,
-    )
-    .await?;
+    let streams = config.streams();
+    for stream in &streams {
+        read::ensure_group(&mut apply_con, stream, &config.group, config.group_start).await?;
+    }
     tracing::info!(
-        stream = %config.stream, group = %config.group, consumer = %config.consumer,
-        "worker started"
+        stream = %config.stream, shards = config.stream_shards, group = %config.group,
+        consumer = %config.consumer, "worker started"
     );
     let breaker = Breaker::new("redis", config.breaker.clone());
     let observed = stats.clone();
@@ -111,7 +107,7 @@ pub async fn run_with_stats(
     if let Some(addr) = config.http_addr {
         let health = Arc::new(crate::http::Health {
             client: client.clone(),
-            stream: config.stream.clone(),
+            stream: streams[0].clone(),
             group: config.group.clone(),
             breaker: breaker.clone(),
             metrics: handle,
@@ -128,38 +124,67 @@ pub async fn run_with_stats(
             Err(e) => return Err(e),
         }
     }
-    let flusher = Flusher::new(Keys::new(&config.prefix), &config.snapshots.stream);
-    let mut worker = Worker {
-        breaker,
-        applier: Applier::with_snapshots(
-            Keys::new(&config.prefix),
-            config.history.as_millis() as u64,
-            config.session_ttl.as_millis() as u64,
-            config.snapshots.clone(),
-        ),
-        acker: Acker {
-            stream: config.stream.clone(),
-            group: config.group.clone(),
-            dead_letter_stream: config.dead_letter_stream.clone(),
-        },
-        config,
-        apply_con,
-        read_con,
-        shutdown,
-        stats,
-        caught_up: false,
-        next_reclaim: Instant::now(),
-        next_expire: Instant::now(),
-        next_housekeeping: Instant::now(),
-        next_sample: Instant::now(),
-        next_flush: Instant::now(),
-        flusher,
-    };
-    worker.run().await
+    let keys = Keys::new(&config.prefix).with_cluster(apply_con.is_cluster());
+    let flusher = Flusher::new(keys.clone(), &config.snapshots.stream);
+    let applier = Applier::with_snapshots(
+        keys,
+        config.history.as_millis() as u64,
+        config.session_ttl.as_millis() as u64,
+        config.snapshots.clone(),
+    );
+    // One consumer loop per stream (shard), each with its own blocking read connection; they
+    // share the apply connection, the breaker and the counters. The first one also runs the
+    // tasks that concern all streams (expiry, outbox flush, sampling).
+    let mut workers = Vec::with_capacity(streams.len());
+    for (i, stream) in streams.iter().enumerate() {
+        let mut own = config.clone();
+        own.stream.clone_from(stream);
+        workers.push(Worker {
+            breaker: breaker.clone(),
+            applier: applier.clone(),
+            acker: Acker {
+                stream: stream.clone(),
+                group: config.group.clone(),
+                dead_letter_stream: config.dead_letter_stream.clone(),
+            },
+            config: own,
+            leader: i == 0,
+            streams: streams.clone(),
+            apply_con: apply_con.clone(),
+            read_con: connection::connect(&client, config.block + config.response_timeout).await?,
+            shutdown: shutdown.clone(),
+            stats: stats.clone(),
+            caught_up: false,
+            next_reclaim: Instant::now(),
+            next_expire: Instant::now(),
+            next_housekeeping: Instant::now(),
+            next_sample: Instant::now(),
+            next_flush: Instant::now(),
+            flusher: flusher.clone(),
+        });
+    }
+    let runs = workers.iter_mut().map(|w| async {
+        let result = w.run().await;
+        if result.is_err() {
+            // A fatal error stops every loop, each after its batch in hand.
+            w.shutdown.cancel();
+        }
+        result
+    });
+    futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()
+        .map(|_| ())
 }
 
 struct Worker {
+    /// This loop's configuration: `stream` is the one stream (shard) it consumes.
     config: WorkerConfig,
+    /// Whether this loop also runs the tasks that concern all streams.
+    leader: bool,
+    /// Every stream of the worker (for sampling).
+    streams: Vec<String>,
     applier: Applier,
     acker: Acker,
     apply_con: Conn,

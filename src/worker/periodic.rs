@@ -23,6 +23,17 @@ impl Worker {
                 tracing::warn!(error = %e, "reclaim failed");
             }
         }
+        if !self.leader {
+            // Every loop reclaims and trims its own stream; the rest is the first loop's.
+            if now >= self.next_housekeeping {
+                self.next_housekeeping = now + HOUSEKEEPING_EVERY;
+                let breaker = self.breaker.clone();
+                if let Err(e) = guard(&breaker, self.housekeeping()).await {
+                    tracing::warn!(error = %e, "housekeeping failed");
+                }
+            }
+            return;
+        }
         if !self.config.session_ttl.is_zero() && self.caught_up && now >= self.next_expire {
             let every = (self.config.session_ttl / 4)
                 .clamp(Duration::from_millis(250), Duration::from_secs(5));
@@ -35,7 +46,13 @@ impl Worker {
             }
         }
         if self.config.snapshots.enabled() && now >= self.next_flush {
-            self.next_flush = now + FLUSH_EVERY;
+            // On a cluster the sweep asks every hash slot: less often.
+            let every = if self.apply_con.is_cluster() {
+                FLUSH_EVERY * 10
+            } else {
+                FLUSH_EVERY
+            };
+            self.next_flush = now + every;
             let (flusher, breaker) = (self.flusher.clone(), self.breaker.clone());
             match guard(&breaker, flusher.flush_all(&mut self.apply_con)).await {
                 Ok(n) if n > 0 => {
@@ -46,7 +63,12 @@ impl Worker {
             }
         }
         if now >= self.next_sample {
-            self.next_sample = now + SAMPLE_EVERY;
+            let every = if self.apply_con.is_cluster() {
+                SAMPLE_EVERY * 6
+            } else {
+                SAMPLE_EVERY
+            };
+            self.next_sample = now + every;
             let breaker = self.breaker.clone();
             if let Err(e) = guard(&breaker, self.sample()).await {
                 tracing::debug!(error = %e, "sampling failed");
@@ -153,23 +175,35 @@ impl Worker {
         Ok(())
     }
 
-    /// Samples the gauges: lag and pending of every group on the stream, stream lengths, and the
-    /// totals of live sessions and present users.
+    /// Samples the gauges: lag and pending of every group (summed over the shards), stream
+    /// lengths, and the totals of live sessions and present users.
     async fn sample(&mut self) -> Result<()> {
-        let c = &self.config;
-        let groups = retention::groups(&mut self.apply_con, &c.stream).await?;
-        for g in &groups {
-            metrics::group(&g.name, g.lag, g.pending);
+        // Lag is unknown (None) when any shard cannot tell it.
+        let mut groups: std::collections::BTreeMap<String, (Option<u64>, u64)> = Default::default();
+        let mut len = 0;
+        for stream in &self.streams {
+            for g in retention::groups(&mut self.apply_con, stream).await? {
+                let sum = groups.entry(g.name).or_insert((Some(0), 0));
+                sum.0 = sum.0.zip(g.lag).map(|(a, b)| a + b);
+                sum.1 += g.pending;
+            }
+            len += redis::cmd("XLEN")
+                .arg(stream)
+                .query_async::<u64>(&mut self.apply_con)
+                .await?;
         }
-        let stats_key = crate::keys::Keys::new(&c.prefix).globals().stats;
-        let (len, dead, live, present): (u64, u64, Option<i64>, Option<i64>) = redis::pipe()
-            .xlen(&c.stream)
-            .xlen(&c.dead_letter_stream)
-            .hget(&stats_key, "live_sessions")
-            .hget(&stats_key, "present_users")
+        for (name, (lag, pending)) in &groups {
+            metrics::group(name, *lag, *pending);
+        }
+        let c = &self.config;
+        let dead_stream = &c.dead_letter_stream;
+        let dead: u64 = redis::cmd("XLEN")
+            .arg(dead_stream)
             .query_async(&mut self.apply_con)
             .await?;
-        metrics::sampled(len, dead, live.unwrap_or(0), present.unwrap_or(0));
+        let keys = crate::keys::Keys::new(&c.prefix).with_cluster(self.apply_con.is_cluster());
+        let (live, present) = crate::ops::totals(&mut self.apply_con, &keys).await?;
+        metrics::sampled(len, dead, live, present);
         Ok(())
     }
 

@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use presence_worker::connection;
+use presence_worker::connection::Conn;
 use presence_worker::worker::{self, Stats};
 use presence_worker::WorkerConfig;
-use redis::aio::ConnectionManager;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -142,11 +142,12 @@ impl RedisServer {
     }
 
     /// A reconnecting connection.
-    pub async fn con(&self) -> ConnectionManager {
+    pub async fn con(&self) -> Conn {
         let client = connection::client(&self.url()).expect("client");
         connection::manager(&client, Duration::from_secs(10))
             .await
             .expect("connect")
+            .into()
     }
 }
 
@@ -246,7 +247,7 @@ impl RunningWorker {
 }
 
 /// Waits until the group has delivered everything and nothing is pending.
-pub async fn wait_drained(con: &mut ConnectionManager, stream: &str, group: &str) {
+pub async fn wait_drained(con: &mut Conn, stream: &str, group: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (pending, lag) = group_pending_lag(con, stream, group).await;
@@ -262,11 +263,7 @@ pub async fn wait_drained(con: &mut ConnectionManager, stream: &str, group: &str
 }
 
 /// `pending` and `lag` of `group` from `XINFO GROUPS` (Redis 7).
-pub async fn group_pending_lag(
-    con: &mut ConnectionManager,
-    stream: &str,
-    group: &str,
-) -> (i64, i64) {
+pub async fn group_pending_lag(con: &mut Conn, stream: &str, group: &str) -> (i64, i64) {
     let groups = presence_worker::retention::groups(con, stream)
         .await
         .unwrap_or_default();
@@ -282,7 +279,7 @@ pub async fn group_pending_lag(
 pub type Fields = Vec<(String, Vec<u8>)>;
 
 /// Every entry of stream `key`.
-pub async fn xrange(con: &mut ConnectionManager, key: &str) -> Vec<(String, Fields)> {
+pub async fn xrange(con: &mut Conn, key: &str) -> Vec<(String, Fields)> {
     redis::cmd("XRANGE")
         .arg(key)
         .arg("-")
@@ -301,7 +298,7 @@ pub fn field(fields: &Fields, name: &str) -> Option<String> {
 }
 
 /// `XGROUP CREATE <stream> <group> 0`.
-pub async fn create_group(con: &mut ConnectionManager, stream: &str, group: &str) {
+pub async fn create_group(con: &mut Conn, stream: &str, group: &str) {
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg(stream)
@@ -315,7 +312,7 @@ pub async fn create_group(con: &mut ConnectionManager, stream: &str, group: &str
 /// Reads up to `count` new entries as `consumer` of `group` (as a replica that then crashes
 /// would); returns their ids.
 pub async fn read_as(
-    con: &mut ConnectionManager,
+    con: &mut Conn,
     stream: &str,
     group: &str,
     consumer: &str,
@@ -342,7 +339,7 @@ pub async fn read_as(
 
 /// Replays the whole group from the start (`XGROUP SETID <stream> <group> 0`): every entry is
 /// delivered again.
-pub async fn replay_group(con: &mut ConnectionManager, stream: &str, group: &str) {
+pub async fn replay_group(con: &mut Conn, stream: &str, group: &str) {
     let _: () = redis::cmd("XGROUP")
         .arg("SETID")
         .arg(stream)
@@ -354,7 +351,7 @@ pub async fn replay_group(con: &mut ConnectionManager, stream: &str, group: &str
 }
 
 /// `XLEN key`.
-pub async fn xlen(con: &mut ConnectionManager, key: &str) -> usize {
+pub async fn xlen(con: &mut Conn, key: &str) -> usize {
     redis::cmd("XLEN")
         .arg(key)
         .query_async(con)
