@@ -227,8 +227,10 @@ pub enum Client {
     Single(redis::Client),
     /// A Redis Cluster, found from its seed nodes (`redis+cluster://`, `rediss+cluster://`).
     Cluster {
-        /// The client, without timeouts (each connection sets its own).
-        client: redis::cluster::ClusterClient,
+        /// The seed nodes, with credentials.
+        nodes: Vec<redis::ConnectionInfo>,
+        /// TLS files, for `rediss+cluster://`.
+        tls: Option<redis::TlsCertificates>,
         /// The seed nodes, without credentials, for messages.
         seeds: String,
     },
@@ -287,29 +289,50 @@ pub fn open(url: &str, options: &ConnectOptions) -> Result<Client> {
         addresses.push(address(client.get_connection_info().addr()));
         infos.push(client.get_connection_info().clone());
     }
-    let first = infos[0].redis_settings().clone();
-    let mut builder = redis::cluster::ClusterClientBuilder::new(infos);
+    let tls = if url.starts_with("rediss+") {
+        Some(tls_certificates(options)?)
+    } else {
+        None
+    };
+    let client = Client::Cluster {
+        nodes: infos,
+        tls,
+        seeds: addresses.join(","),
+    };
+    // Checks the settings now, without connecting.
+    cluster_client(&client, Duration::from_secs(1))?;
+    Ok(client)
+}
+
+/// A cluster client whose every request, retries and redirections included, ends within
+/// `response_timeout`.
+fn cluster_client(
+    client: &Client,
+    response_timeout: Duration,
+) -> Result<redis::cluster::ClusterClient> {
+    let Client::Cluster { nodes, tls, seeds } = client else {
+        return Err(Error::Config("not a cluster client".into()));
+    };
+    let first = nodes[0].redis_settings().clone();
+    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.clone())
+        .response_timeout(response_timeout)
+        .connection_timeout(Duration::from_secs(5));
     if let Some(user) = first.username() {
         builder = builder.username(user);
     }
     if let Some(password) = first.password() {
         builder = builder.password(password);
     }
-    if url.starts_with("rediss+") {
+    if let Some(certs) = tls {
         builder = builder
             .tls(redis::cluster::TlsMode::Secure)
-            .certs(tls_certificates(options)?);
+            .certs(certs.clone());
     }
-    let client = builder.build().map_err(|e| {
+    builder.build().map_err(|e| {
         Error::Config(format!(
-            "--redis-url {}: {}",
-            redact(url),
+            "--redis-url redis+cluster://{seeds}: {}",
             redact(&e.to_string())
         ))
-    })?;
-    Ok(Client::Cluster {
-        client,
-        seeds: addresses.join(","),
     })
 }
 
@@ -321,7 +344,7 @@ pub enum Conn {
     /// One server.
     Single(ConnectionManager),
     /// A cluster.
-    Cluster(redis::cluster_async::ClusterConnection),
+    Cluster(ClusterHandle),
 }
 
 impl Conn {
@@ -386,8 +409,9 @@ impl Conn {
                     keys.push(key?);
                 }
             }
-            Conn::Cluster(con) => {
+            Conn::Cluster(handle) => {
                 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                let con = &mut handle.current().1;
                 for (host, port) in primaries(con).await? {
                     let mut cursor = 0u64;
                     loop {
@@ -457,7 +481,15 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> redis::RedisFuture<'a, redis::Value> {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Cluster(h) => {
+                let h = h.clone();
+                Box::pin(async move {
+                    let (generation, mut con) = h.current();
+                    let reply = con.req_packed_command(cmd).await;
+                    h.observe(generation, &reply).await;
+                    reply
+                })
+            }
         }
     }
 
@@ -469,7 +501,15 @@ impl redis::aio::ConnectionLike for Conn {
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipe, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipe, offset, count),
+            Conn::Cluster(h) => {
+                let h = h.clone();
+                Box::pin(async move {
+                    let (generation, mut con) = h.current();
+                    let reply = con.req_packed_commands(pipe, offset, count).await;
+                    h.observe(generation, &reply).await;
+                    reply
+                })
+            }
         }
     }
 
@@ -481,23 +521,89 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
+/// Consecutive timed-out requests after which a cluster connection is replaced.
+const CLUSTER_TIMEOUTS_BEFORE_RECONNECT: u32 = 3;
+
+/// A cluster connection that replaces itself when requests keep timing out. (After a primary is
+/// killed and restarted, redis-rs 1.8's cluster connection can keep routing some requests to a
+/// dead node connection, each timing out; a fresh connection does not.)
+#[derive(Clone)]
+pub struct ClusterHandle {
+    shared: std::sync::Arc<ClusterShared>,
+}
+
+struct ClusterShared {
+    client: redis::cluster::ClusterClient,
+    /// The connection in use and its generation (bumped on each replacement).
+    con: std::sync::Mutex<(u64, redis::cluster_async::ClusterConnection)>,
+    timeouts: std::sync::atomic::AtomicU32,
+    reconnecting: tokio::sync::Mutex<()>,
+}
+
+impl ClusterHandle {
+    /// The connection in use (a cheap clone) and its generation.
+    fn current(&self) -> (u64, redis::cluster_async::ClusterConnection) {
+        let guard = self.shared.con.lock().unwrap_or_else(|e| e.into_inner());
+        (guard.0, guard.1.clone())
+    }
+
+    /// Counts consecutive timeouts; past the limit, replaces the connection of `generation`.
+    async fn observe<T>(&self, generation: u64, reply: &redis::RedisResult<T>) {
+        use std::sync::atomic::Ordering;
+        match reply {
+            Err(e) if e.is_timeout() => {
+                let n = self.shared.timeouts.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= CLUSTER_TIMEOUTS_BEFORE_RECONNECT {
+                    self.reconnect(generation).await;
+                }
+            }
+            Ok(_) => self.shared.timeouts.store(0, Ordering::Relaxed),
+            Err(_) => {}
+        }
+    }
+
+    async fn reconnect(&self, generation: u64) {
+        let _one = self.shared.reconnecting.lock().await;
+        if self.current().0 != generation {
+            return; // another request replaced it already
+        }
+        match self.shared.client.get_async_connection().await {
+            Ok(con) => {
+                *self.shared.con.lock().unwrap_or_else(|e| e.into_inner()) = (generation + 1, con);
+                self.shared
+                    .timeouts
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!("cluster connection replaced after repeated timeouts");
+            }
+            Err(e) => {
+                tracing::warn!(error = %redact(&e.to_string()), "cannot reconnect to the cluster")
+            }
+        }
+    }
+}
+
 /// A reconnecting connection from `client` (standalone or cluster) whose replies may take up to
 /// `response_timeout`; see [`manager`] for why the blocking read needs its own.
 pub async fn connect(client: &Client, response_timeout: Duration) -> Result<Conn> {
     match client {
         Client::Single(c) => manager(c, response_timeout).await.map(Conn::Single),
-        Client::Cluster { client, seeds } => {
-            let config = redis::cluster::ClusterConfig::new()
-                .set_response_timeout(response_timeout)
-                .set_connection_timeout(Duration::from_secs(5));
+        Client::Cluster { seeds, .. } => {
+            let client = cluster_client(client, response_timeout)?;
             let con = client
-                .get_async_connection_with_config(config)
+                .get_async_connection()
                 .await
                 .map_err(|source| Error::Connect {
                     url: format!("redis+cluster://{seeds}"),
                     source,
                 })?;
-            Ok(Conn::Cluster(con))
+            Ok(Conn::Cluster(ClusterHandle {
+                shared: std::sync::Arc::new(ClusterShared {
+                    client,
+                    con: std::sync::Mutex::new((0, con)),
+                    timeouts: std::sync::atomic::AtomicU32::new(0),
+                    reconnecting: tokio::sync::Mutex::new(()),
+                }),
+            }))
         }
     }
 }

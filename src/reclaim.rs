@@ -21,6 +21,30 @@ pub struct Claimed {
     pub deleted: usize,
 }
 
+/// Whether `consumer` has an entry pending for longer than `min_idle`: one it was delivered and
+/// never processed, because the reply of a read was lost and the read retried (a cluster
+/// connection retries by itself after a node fails). Such entries are replayed with id `0`.
+pub async fn has_stale_own(
+    con: &mut Conn,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    min_idle: Duration,
+) -> Result<bool> {
+    let rows: Vec<Value> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .arg("IDLE")
+        .arg(min_idle.as_millis() as u64)
+        .arg("-")
+        .arg("+")
+        .arg(1)
+        .arg(consumer)
+        .query_async(con)
+        .await?;
+    Ok(!rows.is_empty())
+}
+
 /// Claims up to `count` entries idle for at least `min_idle` from any consumer, from `start`.
 pub async fn autoclaim(
     con: &mut Conn,

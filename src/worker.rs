@@ -58,6 +58,9 @@ pub struct Stats {
 /// How often the stream is trimmed and gone consumers are removed.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
 
+/// How often a loop looks for its own entries pending too long.
+const OWN_CHECK_EVERY: Duration = Duration::from_secs(5);
+
 /// How often outboxes left behind by other replicas are flushed.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 
@@ -155,6 +158,8 @@ pub async fn run_with_stats(
             shutdown: shutdown.clone(),
             stats: stats.clone(),
             caught_up: false,
+            replay_own: false,
+            next_own_check: Instant::now() + OWN_CHECK_EVERY,
             next_reclaim: Instant::now(),
             next_expire: Instant::now(),
             next_housekeeping: Instant::now(),
@@ -196,6 +201,10 @@ struct Worker {
     /// Whether the last read of new entries returned less than a full batch: only then does
     /// expiry run, so a backlog of heartbeats is applied before silence is judged.
     caught_up: bool,
+    /// Set when this consumer has entries pending too long (see [`reclaim::has_stale_own`]):
+    /// the loop replays its pending entries next.
+    replay_own: bool,
+    next_own_check: Instant,
     next_reclaim: Instant,
     next_expire: Instant,
     next_housekeeping: Instant,
@@ -293,6 +302,9 @@ impl Worker {
             }
             if pending.is_none() && !self.shutdown.is_cancelled() {
                 self.periodic().await;
+                if std::mem::take(&mut self.replay_own) {
+                    pending = Some(StreamId::default());
+                }
             }
         }
         self.drain_pending().await;

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Worker, EXPIRE_DOCS_PER_ROUND, FLUSH_EVERY, HOUSEKEEPING_EVERY, SAMPLE_EVERY};
+use super::{
+    Worker, EXPIRE_DOCS_PER_ROUND, FLUSH_EVERY, HOUSEKEEPING_EVERY, OWN_CHECK_EVERY, SAMPLE_EVERY,
+};
 use crate::breaker::guard;
 use crate::error::Result;
 use crate::stream_id::StreamId;
@@ -21,6 +23,22 @@ impl Worker {
             self.next_reclaim = now + (c.claim_idle / 2).max(Duration::from_millis(100));
             if let Err(e) = self.reclaim().await {
                 tracing::warn!(error = %e, "reclaim failed");
+            }
+        }
+        if now >= self.next_own_check {
+            self.next_own_check = now + OWN_CHECK_EVERY;
+            let c = &self.config;
+            // Longer than any read or batch in hand can take.
+            let idle = ((c.block + c.response_timeout) * 3).max(Duration::from_secs(5));
+            let check =
+                reclaim::has_stale_own(&mut self.apply_con, &c.stream, &c.group, &c.consumer, idle);
+            match guard(&self.breaker, check).await {
+                Ok(true) => {
+                    tracing::warn!("entries delivered to this consumer were never processed (a lost read reply): replaying them");
+                    self.replay_own = true;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::debug!(error = %e, "checking own pending entries failed"),
             }
         }
         if !self.leader {

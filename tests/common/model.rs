@@ -98,19 +98,9 @@ pub async fn assert_state(con: &mut Conn, prefix: &str, model: &Model) {
             ));
         }
     }
-    let mut iter: redis::AsyncIter<String> = redis::cmd("SCAN")
-        .cursor_arg(0)
-        .arg("MATCH")
-        .arg(keys.users_pattern())
-        .arg("COUNT")
-        .arg(1000)
-        .clone()
-        .iter_async(con)
-        .await
-        .expect("scan");
+    // SCAN on every primary of a cluster too.
     let mut unexpected = Vec::new();
-    while let Some(k) = iter.next_item().await {
-        let k = k.expect("scan item");
+    for k in con.scan_match(&keys.users_pattern()).await.expect("scan") {
         let doc = k
             .strip_prefix(&format!("{prefix}:doc:{{"))
             .and_then(|r| r.strip_suffix("}:users"))
@@ -120,7 +110,6 @@ pub async fn assert_state(con: &mut Conn, prefix: &str, model: &Model) {
             unexpected.push(k);
         }
     }
-    drop(iter);
     assert!(
         unexpected.is_empty(),
         "users sets that should not exist: {unexpected:?}"

@@ -122,15 +122,37 @@ fn fields(entry: &Entry) -> Vec<(String, Vec<u8>)> {
 
 /// Appends `entries` in order.
 pub async fn append(con: &mut presence_worker::connection::Conn, entries: &[Entry]) {
+    append_sharded(con, entries, STREAM, 0).await;
+}
+
+/// Appends `entries` to the `shards` shards of `stream` as a producer would (0: to `stream`
+/// itself): each valid event to its document's shard, malformed entries to the first. Order is
+/// kept within each stream, so within each document.
+pub async fn append_sharded(
+    con: &mut presence_worker::connection::Conn,
+    entries: &[Entry],
+    stream: &str,
+    shards: u32,
+) {
     for chunk in entries.chunks(500) {
-        let mut pipe = redis::pipe();
+        // One pipeline per stream: on a cluster a pipeline stays within one hash slot.
+        let mut pipes: std::collections::BTreeMap<String, redis::Pipeline> = Default::default();
         for e in chunk {
-            let cmd = pipe.cmd("XADD").arg(STREAM).arg("*");
+            let target = match e {
+                Entry::Good { event, .. } => {
+                    presence_worker::shard::stream_for(stream, shards, &event.doc)
+                }
+                Entry::Bad(_) => presence_worker::shard::streams(stream, shards)[0].clone(),
+            };
+            let pipe = pipes.entry(target.clone()).or_insert_with(redis::pipe);
+            let cmd = pipe.cmd("XADD").arg(target).arg("*");
             for (k, v) in fields(e) {
                 cmd.arg(k).arg(v);
             }
         }
-        let _: Vec<String> = pipe.query_async(con).await.expect("XADD");
+        for pipe in pipes.values() {
+            let _: Vec<String> = pipe.query_async(con).await.expect("XADD");
+        }
     }
 }
 
