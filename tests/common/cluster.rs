@@ -395,40 +395,10 @@ impl RedisCluster {
     }
 }
 
-/// The hash slot of `key`, exactly as Redis computes it: CRC16 (XMODEM) modulo 16384 of the
-/// hash tag, i.e. what lies between the first `{` and the first `}` after it when that is not
-/// empty, else of the whole key.
-pub fn key_slot(key: &[u8]) -> u16 {
-    let hashed = key
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            rest.iter()
-                .position(|&b| b == b'}')
-                .filter(|&close| close > 0)
-                .map(|close| &rest[..close])
-        })
-        .unwrap_or(key);
-    crc16_xmodem(hashed) % SLOTS
-}
-
-/// CRC16-CCITT, XMODEM variant (polynomial 0x1021, initial value 0, no reflection, no final
-/// xor): the checksum Redis Cluster uses for key slots.
-fn crc16_xmodem(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in data {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
+/// Redis Cluster's key-to-slot rule: the worker's own implementation, which the self-test checks
+/// against the server's `CLUSTER KEYSLOT`.
+#[allow(unused_imports)] // not every test crate that includes this module uses it
+pub use presence_worker::keys::key_slot;
 
 /// A blocking connection to the node at `127.0.0.1:port`, with 10 s read and write timeouts.
 fn node_connection(port: u16) -> redis::RedisResult<redis::Connection> {
