@@ -8,8 +8,14 @@
 //! 3. measures produce-to-applied delay at a fixed offered rate;
 //! 4. checks the final state against a sequential model (a benchmark that breaks correctness is
 //!    void) and reports Redis memory per live session.
+//!
+//! With `--cluster N` (N >= 3) it starts its own Redis Cluster of N masters instead, spreads the
+//! backlog over `--stream-shards` shard streams (default 2N), drains it with
+//! `presence-worker run --stream-shards`, and reports Redis CPU and memory summed over every
+//! node, with the per-node split of Redis CPU. The baseline is skipped in cluster mode.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,6 +58,10 @@ pub struct BenchArgs {
     /// Seed of the workload.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Masters of a Redis Cluster to start and benchmark (at least 3; 0: one standalone
+    /// redis-server). The backlog goes to `--stream-shards` shard streams (default: 2 per master).
+    #[arg(long, default_value_t = 0)]
+    pub cluster: usize,
 }
 
 /// Zipf-like sampler over `n` items with exponent 1.1 (inverse CDF on a precomputed table).
@@ -111,28 +121,79 @@ impl Workload {
 
 /// Runs the benchmark and prints the report.
 pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
-    let (url, _server) = if common.redis_url == "redis://127.0.0.1:6379" {
-        let (url, guard) = own_redis()?;
-        (url, Some(guard))
+    const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
+    let cluster_mode = args.cluster > 0;
+    let mut _server = None;
+    let mut _cluster = None;
+    let (url, shards, mut con, mut nodes) = if cluster_mode {
+        if args.cluster < 3 {
+            return Err(Error::Config(format!(
+                "--cluster {}: a Redis Cluster needs at least 3 masters",
+                args.cluster
+            )));
+        }
+        if common.redis_url != DEFAULT_URL {
+            return Err(Error::Config(
+                "--cluster starts its own Redis Cluster on loopback; it takes no --redis-url"
+                    .into(),
+            ));
+        }
+        let cluster = LocalCluster::start(args.cluster).await?;
+        let url = cluster.url();
+        let client = crate::connection::open(&url, &Default::default())?;
+        let con = crate::connection::connect(&client, Duration::from_secs(30)).await?;
+        let mut nodes = Vec::new();
+        for port in &cluster.ports {
+            let node_url = format!("redis://127.0.0.1:{port}");
+            let client = crate::connection::client(&node_url)?;
+            let node: Conn = crate::connection::manager(&client, Duration::from_secs(30))
+                .await?
+                .into();
+            nodes.push((format!("127.0.0.1:{port}"), node));
+        }
+        _cluster = Some(cluster);
+        let shards = if common.stream_shards == 0 {
+            2 * args.cluster as u32
+        } else {
+            common.stream_shards
+        };
+        (url, shards, con, Nodes(nodes))
     } else {
-        (common.redis_url.clone(), None)
+        let url = if common.redis_url == DEFAULT_URL {
+            let (url, guard) = own_redis()?;
+            _server = Some(guard);
+            url
+        } else {
+            common.redis_url.clone()
+        };
+        let client = crate::connection::client(&url)?;
+        let con: crate::connection::Conn =
+            crate::connection::manager(&client, Duration::from_secs(30))
+                .await?
+                .into();
+        let nodes = Nodes(vec![(url.clone(), con.clone())]);
+        (url, 0, con, nodes)
     };
-    let client = crate::connection::client(&url)?;
-    let mut con: crate::connection::Conn =
-        crate::connection::manager(&client, Duration::from_secs(30))
-            .await?
-            .into();
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut con).await?;
+    nodes.flushall().await?;
     let mut gen = Workload::new(args.seed, args.docs, args.users);
     let mut model = Model::default();
     println!(
         "bench: {} events, {} documents (Zipf 1.1), {} users x 2 sessions",
         args.events, args.docs, args.users
     );
+    if cluster_mode {
+        println!(
+            "  Redis Cluster of {} masters (no replicas), {shards} stream shards: {url}",
+            args.cluster
+        );
+    } else if common.stream_shards != 0 {
+        println!("  (--stream-shards applies to --cluster mode only: one stream here)");
+    }
     let started = Instant::now();
-    fill(
+    let streams = fill(
         &mut con,
         "sessions:events",
+        shards,
         args.events,
         &mut gen,
         &mut model,
@@ -143,10 +204,30 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
 
-    let mem0 = info_field(&mut con, "memory", "used_memory").await?;
-    let cpu0 = redis_cpu(&mut con).await?;
-    let (secs, worker_cpu, rss) = drain_with_worker(&url, &mut con, args.batch).await?;
-    let redis_cpu_s = redis_cpu(&mut con).await? - cpu0;
+    // The cluster's own background CPU (bus gossip, cron), to judge the per-event figures.
+    let idle = if cluster_mode {
+        let before = nodes.cpu().await?;
+        let t = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let after = nodes.cpu().await?;
+        let spent: f64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+        Some(spent / t.elapsed().as_secs_f64())
+    } else {
+        None
+    };
+
+    let mem0 = nodes.used_memory().await?;
+    let cpu0 = nodes.cpu().await?;
+    let (secs, worker_cpu, rss) =
+        drain_with_worker(&url, &mut con, args.batch, shards, &streams).await?;
+    let cpu_by_node: Vec<f64> = nodes
+        .cpu()
+        .await?
+        .iter()
+        .zip(&cpu0)
+        .map(|(a, b)| a - b)
+        .collect();
+    let redis_cpu_s: f64 = cpu_by_node.iter().sum();
     let rate = args.events as f64 / secs;
     println!("\nworker (presence-worker run, batch {}):", args.batch);
     println!(
@@ -158,13 +239,41 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
         worker_cpu / args.events as f64 * 1e6
     );
     println!("  worker peak RSS  {:>10.1} MB", rss as f64 / 1e6);
-    println!(
-        "  Redis CPU        {:>10.2} us per event (single-core limit: {:.0} events/s)",
-        redis_cpu_s / args.events as f64 * 1e6,
-        args.events as f64 / redis_cpu_s
-    );
+    if cluster_mode {
+        println!(
+            "  Redis CPU        {:>10.2} us per event, summed over {} nodes",
+            redis_cpu_s / args.events as f64 * 1e6,
+            nodes.0.len()
+        );
+        for ((name, _), cpu) in nodes.0.iter().zip(&cpu_by_node) {
+            println!(
+                "    node {name:<16} {:>6.2} us per event ({:>4.1}%)",
+                cpu / args.events as f64 * 1e6,
+                cpu / redis_cpu_s * 100.0
+            );
+        }
+        let busiest = cpu_by_node.iter().copied().fold(0.0, f64::max);
+        println!(
+            "  Redis limit      {:>10.0} events/s (the busiest node at one full core)",
+            args.events as f64 / busiest
+        );
+        if let Some(idle) = idle {
+            println!(
+                "  Redis idle CPU   {:>10.2} ms/s summed over nodes (bus, cron; {:.3} us per event \
+                 of the figure above)",
+                idle * 1e3,
+                idle * secs / args.events as f64 * 1e6
+            );
+        }
+    } else {
+        println!(
+            "  Redis CPU        {:>10.2} us per event (single-core limit: {:.0} events/s)",
+            redis_cpu_s / args.events as f64 * 1e6,
+            args.events as f64 / redis_cpu_s
+        );
+    }
     let (diffs, live) = model.compare(&mut con, &Keys::new("sessions")).await?;
-    let mem = info_field(&mut con, "memory", "used_memory").await?;
+    let mem = nodes.used_memory().await?;
     println!(
         "  final state      {}",
         if diffs == 0 {
@@ -175,12 +284,19 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
     );
     if live > 0 {
         println!(
-            "  Redis memory     {:>10.0} bytes per live session ({live} live)",
-            (mem - mem0) / live as f64
+            "  Redis memory     {:>10.0} bytes per live session ({live} live{})",
+            (mem - mem0) / live as f64,
+            if cluster_mode {
+                ", used_memory summed over nodes"
+            } else {
+                ""
+            }
         );
     }
 
-    if args.baseline_events > 0 {
+    if cluster_mode && args.baseline_events > 0 {
+        println!("\nbaseline: skipped in cluster mode");
+    } else if args.baseline_events > 0 {
         let n = args.baseline_events.min(args.events);
         let base = baseline(&mut con, n, args.batch).await?;
         println!("\nbaseline (the same script once per event, pipelined), {n} events:");
@@ -190,8 +306,15 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
         );
     }
 
-    let (p50, p99, max) =
-        latency(&url, &mut con, args.rate, args.latency_duration, &mut gen).await?;
+    let (p50, p99, max) = latency(
+        &url,
+        &mut con,
+        shards,
+        args.rate,
+        args.latency_duration,
+        &mut gen,
+    )
+    .await?;
     println!(
         "\nproduce-to-applied delay at {} events/s for {:?}:",
         args.rate, args.latency_duration
@@ -203,52 +326,74 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// Appends `n` events of the workload, each to its document's shard of `stream` (`stream` itself
+/// when `shards` is 0), one pipeline per stream (a cluster pipeline stays within one slot).
+/// Returns the streams written to.
 async fn fill(
     con: &mut Conn,
     stream: &str,
+    shards: u32,
     n: usize,
     gen: &mut Workload,
     model: &mut Model,
-) -> Result<()> {
+) -> Result<BTreeSet<String>> {
+    let mut written = BTreeSet::new();
     let mut done = 0;
     while done < n {
-        let mut pipe = redis::pipe();
+        let mut pipes: BTreeMap<String, redis::Pipeline> = BTreeMap::new();
         let chunk = (n - done).min(2000);
         for _ in 0..chunk {
             let e = gen.next();
             model.apply(&e);
-            pipe.cmd("XADD")
-                .arg(stream)
+            let s = crate::shard::stream_for(stream, shards, &e.doc);
+            pipes
+                .entry(s.clone())
+                .or_insert_with(redis::pipe)
+                .cmd("XADD")
+                .arg(s)
                 .arg("*")
                 .arg("e")
                 .arg(e.encode()?)
                 .ignore();
         }
-        pipe.query_async::<()>(con).await?;
+        for (s, pipe) in pipes {
+            pipe.query_async::<()>(con).await?;
+            written.insert(s);
+        }
         done += chunk;
     }
-    Ok(())
+    Ok(written)
 }
 
-/// Runs `presence-worker run` until the group is drained; returns (seconds, CPU seconds, peak RSS).
-async fn drain_with_worker(url: &str, con: &mut Conn, batch: usize) -> Result<(f64, f64, u64)> {
+/// Runs `presence-worker run` (over `shards` shard streams when not 0) until the group is
+/// drained on every one of `streams`; returns (seconds, CPU seconds, peak RSS).
+async fn drain_with_worker(
+    url: &str,
+    con: &mut Conn,
+    batch: usize,
+    shards: u32,
+    streams: &BTreeSet<String>,
+) -> Result<(f64, f64, u64)> {
     let exe = std::env::current_exe()?;
     let start = Instant::now();
-    let mut child = Command::new(exe)
-        .args([
-            "run",
-            "--consumer",
-            "bench",
-            "--http-addr",
-            "off",
-            "--block",
-            "100ms",
-        ])
-        .args(["--batch", &batch.to_string(), "--redis-url", url])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()?;
-    wait_drained(con, "sessions:events", "presence").await?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "run",
+        "--consumer",
+        "bench",
+        "--http-addr",
+        "off",
+        "--block",
+        "100ms",
+    ])
+    .args(["--batch", &batch.to_string(), "--redis-url", url]);
+    if shards > 0 {
+        cmd.args(["--stream-shards", &shards.to_string()]);
+    }
+    let mut child = cmd.env("RUST_LOG", "warn").stdout(Stdio::null()).spawn()?;
+    for stream in streams {
+        wait_drained(con, stream, "presence").await?;
+    }
     let secs = start.elapsed().as_secs_f64();
     let (cpu, rss) = proc_usage(child.id());
     let _ = Command::new("kill")
@@ -307,26 +452,28 @@ async fn baseline(con: &mut Conn, n: usize, batch: usize) -> Result<f64> {
 async fn latency(
     url: &str,
     con: &mut Conn,
+    shards: u32,
     rate: u64,
     dur: Duration,
     gen: &mut Workload,
 ) -> Result<(f64, f64, f64)> {
     let exe = std::env::current_exe()?;
-    let mut child = Command::new(exe)
-        .args([
-            "run",
-            "--consumer",
-            "latency",
-            "--http-addr",
-            "off",
-            "--block",
-            "1s",
-            "--redis-url",
-            url,
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()?;
+    let mut cmd = Command::new(exe);
+    cmd.args([
+        "run",
+        "--consumer",
+        "latency",
+        "--http-addr",
+        "off",
+        "--block",
+        "1s",
+        "--redis-url",
+        url,
+    ]);
+    if shards > 0 {
+        cmd.args(["--stream-shards", &shards.to_string()]);
+    }
+    let mut child = cmd.env("RUST_LOG", "warn").stdout(Stdio::null()).spawn()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut delays = Vec::new();
     let tick = Duration::from_millis(10);
@@ -337,27 +484,32 @@ async fn latency(
     while Instant::now() < end {
         next += tick;
         tokio::time::sleep_until(next).await;
-        let mut pipe = redis::pipe();
-        for _ in 0..per_tick - 1 {
-            pipe.cmd("XADD")
-                .arg("sessions:events")
+        // One pipeline per stream (a cluster pipeline stays within one slot).
+        let mut pipes: BTreeMap<String, redis::Pipeline> = BTreeMap::new();
+        let mut xadd = |e: &Event| -> Result<()> {
+            let s = crate::shard::stream_for("sessions:events", shards, &e.doc);
+            pipes
+                .entry(s.clone())
+                .or_insert_with(redis::pipe)
+                .cmd("XADD")
+                .arg(s)
                 .arg("*")
                 .arg("e")
-                .arg(gen.next().encode()?)
+                .arg(e.encode()?)
                 .ignore();
+            Ok(())
+        };
+        for _ in 0..per_tick - 1 {
+            xadd(&gen.next())?;
         }
         // One probe per tick: a join of a fresh user in its own document, timed until present.
         probe += 1;
         let doc = format!("probe-{probe}");
-        let e = Event::new(EventType::Join, doc.clone(), "probe");
-        pipe.cmd("XADD")
-            .arg("sessions:events")
-            .arg("*")
-            .arg("e")
-            .arg(e.encode()?)
-            .ignore();
+        xadd(&Event::new(EventType::Join, doc.clone(), "probe"))?;
         let sent = Instant::now();
-        pipe.query_async::<()>(con).await?;
+        for pipe in pipes.values() {
+            pipe.query_async::<()>(con).await?;
+        }
         let key = Keys::new("sessions").doc(&doc).count;
         let probe_con = con.clone();
         let task = tokio::spawn(async move {
@@ -446,6 +598,191 @@ async fn info_field(con: &mut Conn, section: &str, name: &str) -> Result<f64> {
 async fn redis_cpu(con: &mut Conn) -> Result<f64> {
     Ok(info_field(con, "cpu", "used_cpu_user").await?
         + info_field(con, "cpu", "used_cpu_sys").await?)
+}
+
+/// The Redis servers under test, each by its name and its own standalone connection: one server,
+/// or every master of a cluster (`INFO` and `FLUSHALL` are per node).
+struct Nodes(Vec<(String, Conn)>);
+
+impl Nodes {
+    async fn flushall(&mut self) -> Result<()> {
+        for (_, con) in &mut self.0 {
+            let _: () = redis::cmd("FLUSHALL").query_async(con).await?;
+        }
+        Ok(())
+    }
+
+    /// CPU seconds (user + system) of every node, in order.
+    async fn cpu(&mut self) -> Result<Vec<f64>> {
+        let mut out = Vec::with_capacity(self.0.len());
+        for (_, con) in &mut self.0 {
+            out.push(redis_cpu(con).await?);
+        }
+        Ok(out)
+    }
+
+    /// `used_memory` summed over every node.
+    async fn used_memory(&mut self) -> Result<f64> {
+        let mut total = 0.0;
+        for (_, con) in &mut self.0 {
+            total += info_field(con, "memory", "used_memory").await?;
+        }
+        Ok(total)
+    }
+}
+
+/// A private Redis Cluster of masters only on free loopback ports, without persistence, each
+/// node in its own temporary directory; every node is killed (and its directory removed) when
+/// dropped.
+struct LocalCluster {
+    nodes: Vec<crate::demo::LocalRedis>,
+    ports: Vec<u16>,
+    dirs: Vec<PathBuf>,
+}
+
+impl LocalCluster {
+    /// Starts `masters` (at least 3) cluster-enabled `redis-server`s, joins them with
+    /// `redis-cli --cluster create`, and waits until every node reports `cluster_state:ok`.
+    async fn start(masters: usize) -> Result<Self> {
+        let ports = free_ports(2 * masters)?;
+        let (ports, bus_ports) = ports.split_at(masters);
+        let mut cluster = LocalCluster {
+            nodes: Vec::new(),
+            ports: Vec::new(),
+            dirs: Vec::new(),
+        };
+        for (i, (&port, &bus)) in ports.iter().zip(bus_ports).enumerate() {
+            let dir = std::env::temp_dir().join(format!(
+                "presence-bench-{}-node{i}-{port}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            cluster.dirs.push(dir.clone());
+            let conf = dir.join("nodes.conf").to_string_lossy().into_owned();
+            let bus = bus.to_string();
+            let node = crate::demo::LocalRedis::spawn_with(
+                port,
+                Some(&dir),
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &conf,
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--cluster-port",
+                    &bus,
+                ],
+            )?;
+            cluster.nodes.push(node);
+            cluster.ports.push(port);
+        }
+        for &port in &cluster.ports {
+            wait_for(port, Duration::from_secs(10), |_| true, &["PING"]).await?;
+        }
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| {
+                Error::Config(format!(
+                    "cannot run redis-cli (apt-get install redis-tools): {e}"
+                ))
+            })?;
+        if !out.status.success() {
+            return Err(Error::Config(format!(
+                "redis-cli --cluster create failed ({}):\n{}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        for &port in &cluster.ports {
+            wait_for(
+                port,
+                Duration::from_secs(30),
+                |info| info.lines().any(|l| l.trim() == "cluster_state:ok"),
+                &["CLUSTER", "INFO"],
+            )
+            .await?;
+        }
+        Ok(cluster)
+    }
+
+    /// `redis+cluster://127.0.0.1:p1,127.0.0.1:p2,...`: every node as a seed.
+    fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// `n` distinct free loopback ports (all bound at once, so none repeats).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    Ok(listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<std::io::Result<_>>()?)
+}
+
+/// Sends `cmd` to 127.0.0.1:`port` until its reply (as text) satisfies `ok`, for up to `limit`.
+async fn wait_for(
+    port: u16,
+    limit: Duration,
+    ok: impl Fn(&str) -> bool,
+    cmd: &[&str],
+) -> Result<()> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+    let deadline = Instant::now() + limit;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let attempt = async {
+            let mut con = client.get_multiplexed_async_connection().await?;
+            let mut c = redis::cmd(cmd[0]);
+            for a in &cmd[1..] {
+                c.arg(*a);
+            }
+            c.query_async::<redis::Value>(&mut con).await
+        };
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(v)) => {
+                let text = match &v {
+                    redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+                    other => format!("{other:?}"),
+                };
+                if ok(&text) {
+                    return Ok(());
+                }
+                last = text;
+            }
+            Ok(Err(e)) => last = e.to_string(),
+            Err(_) => last = "timed out".into(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(Error::Config(format!(
+        "redis-server on 127.0.0.1:{port}: `{}` not ready after {limit:?}: {}",
+        cmd.join(" "),
+        last.trim()
+    )))
 }
 
 /// A private redis-server on a free loopback port, without persistence.

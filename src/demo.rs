@@ -134,12 +134,18 @@ pub struct LocalRedis(Child);
 impl LocalRedis {
     /// Starts `redis-server` on 127.0.0.1:`port` without persistence (in `dir`, if given).
     pub fn spawn(port: u16, dir: Option<&std::path::Path>) -> Result<Self> {
+        Self::spawn_with(port, dir, &[])
+    }
+
+    /// Like [`LocalRedis::spawn`], with `extra` arguments after the defaults (e.g. cluster mode).
+    pub fn spawn_with(port: u16, dir: Option<&std::path::Path>, extra: &[&str]) -> Result<Self> {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"]);
         if let Some(dir) = dir {
             cmd.arg("--dir").arg(dir);
         }
+        cmd.args(extra);
         Ok(Self(cmd.stdout(Stdio::null()).spawn()?))
     }
 }
