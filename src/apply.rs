@@ -96,25 +96,35 @@ impl Applier {
     }
 
     /// Leases up to `max` documents with sessions due to expire to the caller for `lease_ms`
-    /// (on a cluster, up to `max` per hash slot, all slots asked concurrently).
+    /// (on a cluster, up to `max` per hash slot: every slot's index is asked, one pipeline per
+    /// primary).
     pub async fn claim_due(
         &self,
         con: &mut Conn,
         lease_ms: u64,
         max: usize,
     ) -> Result<Vec<String>> {
-        let invocations: Vec<_> = self
+        let cmds: Vec<(u16, redis::Cmd)> = self
             .keys
             .all_globals()
-            .iter()
-            .map(|g| {
-                let mut inv = self.claim_due.key(&g.expiry);
-                inv.arg(lease_ms).arg(max);
-                inv
+            .into_iter()
+            .map(|(slot, g)| {
+                let mut cmd = redis::cmd("EVALSHA");
+                cmd.arg(self.claim_due.get_hash())
+                    .arg(1)
+                    .arg(g.expiry)
+                    .arg(lease_ms)
+                    .arg(max);
+                (slot, cmd)
             })
             .collect();
-        let replies: Vec<Vec<String>> =
-            invoke_pipelined(con, &self.claim_due, &invocations).await?;
+        let replies: Vec<Vec<String>> = match con.query_all(&cmds).await {
+            Err(Error::Redis(e)) if e.code() == Some("NOSCRIPT") => {
+                self.claim_due.load_async(con).await?;
+                con.query_all(&cmds).await?
+            }
+            r => r?,
+        };
         Ok(replies.into_iter().flatten().collect())
     }
 

@@ -359,35 +359,68 @@ impl Conn {
 pub const CLUSTER_CONCURRENCY: usize = 64;
 
 impl Conn {
-    /// Runs independent commands, each within one hash slot, and returns their replies in order:
-    /// pipelined on a single server, concurrently (a bounded number in flight) on a cluster.
+    /// Runs independent commands, each given with the hash slot of its key, and returns their
+    /// replies in order: pipelined on a single server (the slots are ignored); on a cluster, one
+    /// pipeline per primary, sent to it directly (the commands stay single-key, so a pipeline of
+    /// many slots is fine on the node serving them). A sweep over all 16,384 slots thus costs one
+    /// round trip per primary. A slot moving meanwhile fails the call with `MOVED`/`ASK`: such
+    /// sweeps are periodic, and the next one finds the new owner.
     pub async fn query_all<T: redis::FromRedisValue + Send>(
         &mut self,
-        cmds: &[redis::Cmd],
+        cmds: &[(u16, redis::Cmd)],
     ) -> Result<Vec<T>> {
-        use futures_util::StreamExt as _;
-        let mut out = Vec::with_capacity(cmds.len());
-        if !self.is_cluster() {
-            for group in cmds.chunks(1000) {
-                let mut pipe = redis::pipe();
-                for cmd in group {
-                    pipe.add_command(cmd.clone());
+        let handle = match self {
+            Conn::Cluster(handle) => handle.clone(),
+            Conn::Single(_) => {
+                let mut out = Vec::with_capacity(cmds.len());
+                for group in cmds.chunks(1000) {
+                    let mut pipe = redis::pipe();
+                    for (_, cmd) in group {
+                        pipe.add_command(cmd.clone());
+                    }
+                    out.extend(pipe.query_async::<Vec<T>>(self).await?);
                 }
-                out.extend(pipe.query_async::<Vec<T>>(self).await?);
+                return Ok(out);
             }
-            return Ok(out);
+        };
+        use redis::cluster_routing::SingleNodeRoutingInfo;
+        let (generation, mut con) = handle.current();
+        let owners = slot_owners(&mut con).await?;
+        let mut by_node: Vec<((String, u16), Vec<usize>)> = Vec::new();
+        for (i, (slot, _)) in cmds.iter().enumerate() {
+            let owner = owners
+                .iter()
+                .find(|(first, last, _)| (*first..=*last).contains(slot))
+                .map(|(_, _, node)| node.clone())
+                .ok_or_else(|| Error::Protocol(format!("no primary serves slot {slot}")))?;
+            match by_node.iter_mut().find(|(node, _)| *node == owner) {
+                Some((_, places)) => places.push(i),
+                None => by_node.push((owner, vec![i])),
+            }
         }
-        for group in cmds.chunks(CLUSTER_CONCURRENCY) {
-            let mut calls = futures_util::stream::FuturesOrdered::new();
-            for cmd in group {
-                let mut con = self.clone();
-                calls.push_back(async move { cmd.query_async::<T>(&mut con).await });
-            }
-            while let Some(reply) = calls.next().await {
-                out.push(reply?);
+        let mut out: Vec<Option<T>> = (0..cmds.len()).map(|_| None).collect();
+        for ((host, port), places) in by_node {
+            for chunk in places.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for &i in chunk {
+                    pipe.add_command(cmds[i].1.clone());
+                }
+                let route = SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port,
+                };
+                let reply = con.route_pipeline(pipe, 0, chunk.len(), route).await;
+                handle.observe(generation, &reply).await;
+                for (&i, value) in chunk.iter().zip(reply?) {
+                    // An error reply (NOSCRIPT, MOVED during a migration) fails the sweep.
+                    let value = value.extract_error()?;
+                    out[i] = Some(T::from_redis_value(value).map_err(redis::RedisError::from)?);
+                }
             }
         }
-        Ok(out)
+        out.into_iter()
+            .map(|v| v.ok_or_else(|| Error::Protocol("a reply is missing".into())))
+            .collect()
     }
 }
 
@@ -441,6 +474,34 @@ impl Conn {
         }
         Ok(keys)
     }
+}
+
+/// The slot ranges of a cluster and the primary serving each: (first, last, (host, port)).
+async fn slot_owners(
+    con: &mut redis::cluster_async::ClusterConnection,
+) -> Result<Vec<(u16, u16, (String, u16))>> {
+    let ranges: Vec<Vec<redis::Value>> =
+        redis::cmd("CLUSTER").arg("SLOTS").query_async(con).await?;
+    let mut out = Vec::new();
+    for range in ranges {
+        let (Some(first), Some(last), Some(redis::Value::Array(node))) =
+            (range.first(), range.get(1), range.get(2))
+        else {
+            continue;
+        };
+        let parse = |v: &redis::Value| -> Result<String> {
+            Ok(redis::from_redis_value(v.clone()).map_err(redis::RedisError::from)?)
+        };
+        let (Some(host), Some(port)) = (node.first(), node.get(1)) else {
+            continue;
+        };
+        out.push((
+            parse(first)?.parse().unwrap_or(0),
+            parse(last)?.parse().unwrap_or(0),
+            (parse(host)?, parse(port)?.parse().unwrap_or(0)),
+        ));
+    }
+    Ok(out)
 }
 
 /// The primaries of a cluster (host, port), from `CLUSTER SLOTS`.

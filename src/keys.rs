@@ -179,12 +179,15 @@ impl Keys {
         }
     }
 
-    /// Every set of global keys: one on a standalone Redis, one per hash slot on a cluster.
-    pub fn all_globals(&self) -> Vec<GlobalKeys> {
+    /// Every set of global keys with its hash slot: one on a standalone Redis (slot 0), one per
+    /// hash slot on a cluster.
+    pub fn all_globals(&self) -> Vec<(u16, GlobalKeys)> {
         if self.cluster {
-            (0..SLOTS).map(|slot| self.slot_globals(slot)).collect()
+            (0..SLOTS)
+                .map(|slot| (slot, self.slot_globals(slot)))
+                .collect()
         } else {
-            vec![self.globals()]
+            vec![(0, self.globals())]
         }
     }
 

@@ -137,15 +137,18 @@ async fn exists(con: &mut Conn, key: &str) -> Result<bool> {
 /// The totals over all documents: live sessions and present users (on a cluster, the sum of
 /// every hash slot's totals).
 pub async fn totals(con: &mut Conn, keys: &Keys) -> Result<(i64, i64)> {
-    let cmds: Vec<redis::Cmd> = keys
+    let cmds: Vec<(u16, redis::Cmd)> = keys
         .all_globals()
         .into_iter()
-        .map(|g| {
-            redis::cmd("HMGET")
-                .arg(g.stats)
-                .arg("live_sessions")
-                .arg("present_users")
-                .to_owned()
+        .map(|(slot, g)| {
+            (
+                slot,
+                redis::cmd("HMGET")
+                    .arg(g.stats)
+                    .arg("live_sessions")
+                    .arg("present_users")
+                    .to_owned(),
+            )
         })
         .collect();
     let rows: Vec<(Option<i64>, Option<i64>)> = con.query_all(&cmds).await?;
@@ -156,21 +159,24 @@ pub async fn totals(con: &mut Conn, keys: &Keys) -> Result<(i64, i64)> {
 
 /// The `n` documents with the most users present, most first.
 pub async fn top(con: &mut Conn, keys: &Keys, n: usize) -> Result<Vec<(String, u64)>> {
-    let cmds: Vec<redis::Cmd> = keys
+    let cmds: Vec<(u16, redis::Cmd)> = keys
         .all_globals()
         .into_iter()
-        .map(|g| {
-            redis::cmd("ZRANGE")
-                .arg(g.top)
-                .arg("+inf")
-                .arg("1")
-                .arg("BYSCORE")
-                .arg("REV")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(n)
-                .arg("WITHSCORES")
-                .to_owned()
+        .map(|(slot, g)| {
+            (
+                slot,
+                redis::cmd("ZRANGE")
+                    .arg(g.top)
+                    .arg("+inf")
+                    .arg("1")
+                    .arg("BYSCORE")
+                    .arg("REV")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(n)
+                    .arg("WITHSCORES")
+                    .to_owned(),
+            )
         })
         .collect();
     let mut rows: Vec<(String, u64)> = con

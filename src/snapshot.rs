@@ -264,15 +264,18 @@ impl Flusher {
 
     /// Flushes every outbox left non-empty (by a replica that stopped before flushing).
     pub async fn flush_all(&self, con: &mut Conn) -> Result<u64> {
-        let cmds: Vec<redis::Cmd> = self
+        let cmds: Vec<(u16, redis::Cmd)> = self
             .keys
             .all_globals()
             .into_iter()
-            .map(|g| {
-                redis::cmd("SRANDMEMBER")
-                    .arg(g.outboxes)
-                    .arg(500)
-                    .to_owned()
+            .map(|(slot, g)| {
+                (
+                    slot,
+                    redis::cmd("SRANDMEMBER")
+                        .arg(g.outboxes)
+                        .arg(500)
+                        .to_owned(),
+                )
             })
             .collect();
         let mut docs: Vec<String> = con
