@@ -52,8 +52,8 @@ pub struct BenchArgs {
     /// Duration of the latency run.
     #[arg(long, default_value = "10s", value_parser = crate::cli::duration)]
     pub latency_duration: Duration,
-    /// Batch size of the worker.
-    #[arg(long, default_value_t = 500)]
+    /// Batch size of the worker (the worker's default).
+    #[arg(long, default_value_t = 2000)]
     pub batch: usize,
     /// Seed of the workload.
     #[arg(long, default_value_t = 42)]

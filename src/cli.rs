@@ -227,7 +227,7 @@ pub struct RunArgs {
     #[arg(long, env = "PRESENCE_CONSUMER")]
     pub consumer: Option<String>,
     /// Most entries per batch.
-    #[arg(long, env = "PRESENCE_BATCH", default_value_t = 500)]
+    #[arg(long, env = "PRESENCE_BATCH", default_value_t = 2000)]
     pub batch: usize,
     /// How long one read waits for new entries.
     #[arg(long, env = "PRESENCE_BLOCK", default_value = "2s", value_parser = duration)]

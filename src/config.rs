@@ -79,7 +79,7 @@ impl WorkerConfig {
             group: "presence".into(),
             consumer: consumer.into(),
             prefix: "sessions".into(),
-            batch: 500,
+            batch: 2000,
             block: Duration::from_secs(2),
             dead_letter_stream: "sessions:events:dead".into(),
             history: Duration::from_secs(600),
