@@ -39,9 +39,10 @@ local top_set, top_del, due_nx, due_set, due_del = {}, {}, {}, {}, {}
 local K, doc, before, present = 0, '', 0, 0
 local ended_touched, went_live = false, false
 -- The event that changed membership last (set by the calling script), and why users leave.
--- (cause_ms/cause_seq: its stream id, formatted only when a snapshot request needs it.)
+-- cause_text: when set, the event id and entry id are read from it only if a snapshot request
+-- needs them: cause_id_len bytes at cause_at, then cause_entry_len bytes.
 local cause_event, cause_entry, left_reason = '', '', 'leave'
-local cause_ms, cause_seq = nil, nil
+local cause_text, cause_at, cause_id_len, cause_entry_len = nil, 0, 0, 0
 -- Whether the expiry due time must be exact (expire, repair) or may be early (apply).
 local exact_due = false
 
@@ -50,26 +51,59 @@ local function begin_doc(i, id)
   before = redis.call('SCARD', KEYS[K + 1])
   present = before
   ended_touched, went_live = false, false
-  cause_event, cause_entry, cause_ms, cause_seq = '', '', nil, nil
+  cause_event, cause_entry, cause_text = '', '', nil
 end
 
--- Decimal strings without leading zeros compare by length, then lexically: exact for any u64.
-local function gt(a, b)
-  local la, lb = #a, #b
-  if la ~= lb then return la > lb end
-  return a > b
+local TWO32 = 4294967296
+
+-- A u64 held exactly in a double (below 2^53), as its hi and lo halves.
+local function halves(x)
+  local lo = x % TWO32
+  return (x - lo) / TWO32, lo
+end
+
+-- A u64 written in decimal, as its hi and lo halves (exact for any u64).
+local function decimal_halves(q)
+  local hi, lo = 0, 0
+  for i = 1, #q do
+    lo = lo * 10 + string.byte(q, i) - 48
+    local carry = math.floor(lo / TWO32)
+    hi, lo = hi * 10 + carry, lo - carry * TWO32
+  end
+  return hi, lo
+end
+
+-- A u64 given as its hi and lo halves, in decimal (exact for any u64).
+local function decimal(hi, lo)
+  if hi == 0 then return string.format('%d', lo) end
+  local digits = {}
+  while hi > 0 or lo > 0 do
+    local r = hi % 10
+    hi = (hi - r) / 10
+    local t = r * TWO32 + lo
+    local d = t % 10
+    lo = (t - d) / 10
+    digits[#digits + 1] = d
+  end
+  return string.reverse(table.concat(digits))
 end
 
 -- Is version 1 newer than version 2? With a seq on both, the higher seq wins and, for equal seq,
 -- the earlier stream entry; otherwise the later stream entry wins. (Rust: coalesce::Version.)
-local function newer(q1, m1, s1, q2, m2, s2)
-  if q1 ~= '' and q2 ~= nil then
-    if q1 ~= q2 then return gt(q1, q2) end
-    if m1 ~= m2 then return m1 < m2 end
-    return s1 < s2
+-- Each version: whether it has a seq, then seq, stream id ms and stream id sequence as u64
+-- halves (hi, lo).
+local function newer(q1, qh1, ql1, mh1, ml1, sh1, sl1, q2, qh2, ql2, mh2, ml2, sh2, sl2)
+  local later = true
+  if q1 and q2 then
+    if qh1 ~= qh2 then return qh1 > qh2 end
+    if ql1 ~= ql2 then return ql1 > ql2 end
+    later = false
   end
-  if m1 ~= m2 then return m1 > m2 end
-  return s1 > s2
+  if mh1 ~= mh2 then return (mh1 > mh2) == later end
+  if ml1 ~= ml2 then return (ml1 > ml2) == later end
+  if sh1 ~= sh2 then return (sh1 > sh2) == later end
+  if sl1 ~= sl2 then return (sl1 > sl2) == later end
+  return false
 end
 
 -- Publishes one membership change on the document's sharded channel.
@@ -141,7 +175,11 @@ local function snapshot(after)
   local armed = table.concat(list, ',')
   if armed ~= (st[1] or '') then redis.call('HSET', KEYS[K + 7], 'disarmed', armed) end
   if not reason then return '' end
-  if cause_ms then cause_entry = string.format('%d-%d', cause_ms, cause_seq) end
+  if cause_text then
+    local e = cause_at + cause_id_len
+    cause_event = string.sub(cause_text, cause_at, e - 1)
+    cause_entry = string.sub(cause_text, e, e + cause_entry_len - 1)
+  end
   local users = redis.call('SMEMBERS', KEYS[K + 1])
   table.sort(users)
   while #users > opts.u do table.remove(users) end
