@@ -19,6 +19,11 @@
 local SESSION = '>BI4I4I4I4I4I4I4I4I4BI4c0'
 local META_WRITE = '>I4I4I4I4I4I4'
 local BYTES = '>I4c0'
+-- A session record's version and event id hash, after its flags (see common.lua): without seq or
+-- with, with a 32-bit stream id sequence or a 64-bit one.
+local V, VQ, VW, VQW = '>I4I4I4I4', '>I4I4I4I4I4I4', '>I4I4I4I4I4', '>I4I4I4I4I4I4I4'
+-- The same with the flags first.
+local R, RQ, RW, RQW = '>BI4I4I4I4', '>BI4I4I4I4I4I4', '>BI4I4I4I4I4', '>BI4I4I4I4I4I4I4'
 
 local a = 5
 local results = {}
@@ -32,54 +37,59 @@ for di = 0, tonumber(ARGV[4]) - 1 do
   for k = 1, n do
     local lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field
     lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field, p = struct.unpack(SESSION, packed, p)
-    local lq = lf % 4 >= 2
-    local raw = redis.call('HGET', KEYS[K + 3], field)
-    local r = raw and cmsgpack.unpack(raw) or {}
-    local was_live = r.l == 1
+    local raw, rf = load_record(redis.call('HGET', KEYS[K + 3], field))
+    -- The stored version (rq: it has a seq), its event id hash, and where the rest begins.
+    local rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = false, 0, 0, 0, 0, 0, 0, nil, 1
+    if raw then
+      rq = rf % 4 >= 2
+      if rf % 64 < 32 then
+        if rq then
+          rqh, rql, rmh, rml, rsl, rih, rp = struct.unpack(VQ, raw, 2)
+        else
+          rmh, rml, rsl, rih, rp = struct.unpack(V, raw, 2)
+        end
+      elseif rq then
+        rqh, rql, rmh, rml, rsh, rsl, rih, rp = struct.unpack(VQW, raw, 2)
+      else
+        rmh, rml, rsh, rsl, rih, rp = struct.unpack(VW, raw, 2)
+      end
+    end
+    local was_live = rf % 2 == 1
     local dirty = false
     local outcome = 1
-    local rnewer = r.m == nil
-    if not rnewer then
-      local rqh, rql = 0, 0
-      if r.q then rqh, rql = decimal_halves(r.q) end
-      local rmh, rml = halves(r.m)
-      local rsh, rsl = halves(r.s)
-      rnewer = newer(lq, qh, ql, mh, ml, sh, sl, r.q ~= nil, rqh, rql, rmh, rml, rsh, rsl)
-    end
-    if rnewer then
-      outcome = (r.i == lih) and 2 or 0
-      r.l = lf % 2
-      if lq then r.q = decimal(qh, ql) else r.q = nil end
-      r.m, r.s, r.i, r.x = mh * TWO32 + ml, sh * TWO32 + sl, lih, nil
+    if not raw or newer(lf % 4 >= 2, qh, ql, mh, ml, sh, sl, rq, rqh, rql, rmh, rml, rsh, rsl) then
+      outcome = (rih == lih) and 2 or 0
+      -- The new liveness, seq and sequence width; not expired; the meta flags kept.
+      rf = (rf - rf % 64) + (rf % 32 - rf % 8) + lf % 4 + (sh > 0 and 32 or 0)
+      rqh, rql, rmh, rml, rsh, rsl, rih = qh, ql, mh, ml, sh, sl, lih
       dirty = true
-    elseif r.i == lih then
+    elseif rih == lih then
       outcome = 2
     end
+    -- What follows the version in the record (meta version and meta), when it changes.
+    local tail = nil
     if lf % 16 >= 8 then
       local mqh, mql, mmh, mml, msh, msl
       mqh, mql, mmh, mml, msh, msl, p = struct.unpack(META_WRITE, packed, p)
-      local meta = nil
+      local meta = ''
       if lf >= 32 then meta, p = struct.unpack(BYTES, packed, p) end
       local mq = lf % 32 >= 16
-      local mnewer = r.mm == nil
+      local mnewer = rf % 16 < 8
       if not mnewer then
-        local rqh, rql = 0, 0
-        if r.mq then rqh, rql = decimal_halves(r.mq) end
-        local rmh, rml = halves(r.mm)
-        local rsh, rsl = halves(r.ms)
-        mnewer = newer(mq, mqh, mql, mmh, mml, msh, msl, r.mq ~= nil, rqh, rql, rmh, rml, rsh, rsl)
+        local q2 = rf % 32 >= 16
+        local qh2, ql2, mh2, ml2, sh2, sl2 = unpack_version(raw, rp, q2, rf >= 64)
+        mnewer = newer(mq, mqh, mql, mmh, mml, msh, msl, q2, qh2, ql2, mh2, ml2, sh2, sl2)
       end
       if mnewer then
-        if mq then r.mq = decimal(mqh, mql) else r.mq = nil end
-        r.mm, r.ms = mmh * TWO32 + mml, msh * TWO32 + msl
-        r.d = meta
+        tail = pack_version(mq, mqh, mql, mmh, mml, msh, msl) .. meta
+        rf = rf % 8 + (rf % 64 - rf % 32) + 8 + (mq and 16 or 0) + (msh > 0 and 64 or 0)
         dirty = true
       end
     end
     out[k] = outcome
     if dirty then
       cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
-      if r.l == 1 then
+      if rf % 2 == 1 then
         -- A stale event that only brought newer meta does not refresh the session.
         if outcome ~= 1 then
           session_live(field, not was_live and string.sub(field, 1, ulen), was_live, raw ~= nil)
@@ -87,7 +97,20 @@ for di = 0, tonumber(ARGV[4]) - 1 do
       elseif was_live or outcome == 0 then
         session_ended(field, was_live and string.sub(field, 1, ulen), was_live)
       end
-      redis.call('HSET', KEYS[K + 3], field, cmsgpack.pack(r))
+      local head
+      if rf % 64 < 32 then
+        if rf % 4 >= 2 then
+          head = struct.pack(RQ, rf, rqh, rql, rmh, rml, rsl, rih)
+        else
+          head = struct.pack(R, rf, rmh, rml, rsl, rih)
+        end
+      elseif rf % 4 >= 2 then
+        head = struct.pack(RQW, rf, rqh, rql, rmh, rml, rsh, rsl, rih)
+      else
+        head = struct.pack(RW, rf, rmh, rml, rsh, rsl, rih)
+      end
+      if not tail then tail = raw and string.sub(raw, rp) or '' end
+      redis.call('HSET', KEYS[K + 3], field, head .. tail)
     end
     p = p + idlen + elen
   end

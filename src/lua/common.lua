@@ -20,10 +20,20 @@
 --   a request), p (1: publish membership changes), cp (change feed channel prefix: the channel is
 --   cp .. doc .. "}:presence").
 --
--- A session record is a MessagePack map: l (1 live, 0 ended), m/s (stream id ms and sequence of the
--- deciding event, numbers), q (its seq as a decimal string, absent when none), i (a 32-bit hash of
--- its event id), x (1 when ended by expiry), and, once an event wrote meta: mm/ms/mq (that event's
--- version) and d (the meta map, MessagePack bytes; absent after a leave).
+-- A session record is a binary string (struct.pack, big-endian; a u64 as two u32 halves, hi then
+-- lo, so that versions compare exactly, never as rounded Lua numbers):
+--   flags (u8): 1 live, 2 has a seq, 4 ended by expiry, 8 has a meta version, 16 the meta version
+--     has a seq, 32 the stream id sequence of the version needs 64 bits (else 32), 64 the same
+--     for the meta version
+--   the deciding event's version: seq (u64, only with flag 2), stream id ms (u64) and sequence
+--     (u32, or u64 with flag 32)
+--   a 32-bit hash of its event id (u32)
+--   with flag 8, the version of the event that wrote meta last, the same way (flags 16 and 64)
+--   to the end: the meta map (MessagePack bytes); nothing when none (never set, or cleared by a
+--     leave)
+-- 17 bytes for a session without seq nor meta. A record whose first byte is 0x80 or more is a
+-- MessagePack map written by an earlier version (l, m/s, q, i, x, mm/ms/mq, d): load_record()
+-- reads it as the same record in this layout.
 
 local history = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -73,19 +83,61 @@ local function decimal_halves(q)
   return hi, lo
 end
 
--- A u64 given as its hi and lo halves, in decimal (exact for any u64).
-local function decimal(hi, lo)
-  if hi == 0 then return string.format('%d', lo) end
-  local digits = {}
-  while hi > 0 or lo > 0 do
-    local r = hi % 10
-    hi = (hi - r) / 10
-    local t = r * TWO32 + lo
-    local d = t % 10
-    lo = (t - d) / 10
-    digits[#digits + 1] = d
+-- A version as a session record holds it (see above): seq only when q, the stream id sequence
+-- in 32 bits when its hi half is 0.
+local function pack_version(q, qh, ql, mh, ml, sh, sl)
+  if sh == 0 then
+    if q then return struct.pack('>I4I4I4I4I4', qh, ql, mh, ml, sl) end
+    return struct.pack('>I4I4I4', mh, ml, sl)
   end
-  return string.reverse(table.concat(digits))
+  if q then return struct.pack('>I4I4I4I4I4I4', qh, ql, mh, ml, sh, sl) end
+  return struct.pack('>I4I4I4I4', mh, ml, sh, sl)
+end
+
+-- The version pack_version() wrote at `pos` of `s` (q: with a seq; wide: a 64-bit stream id
+-- sequence): its halves, then the position after it.
+local function unpack_version(s, pos, q, wide)
+  local qh, ql, mh, ml, sh, sl = 0, 0, 0, 0, 0, 0
+  if q then qh, ql, pos = struct.unpack('>I4I4', s, pos) end
+  if wide then
+    mh, ml, sh, sl, pos = struct.unpack('>I4I4I4I4', s, pos)
+  else
+    mh, ml, sl, pos = struct.unpack('>I4I4I4', s, pos)
+  end
+  return qh, ql, mh, ml, sh, sl, pos
+end
+
+-- A record of the earlier MessagePack layout, in the current one.
+local function upgrade(raw)
+  local r = cmsgpack.unpack(raw)
+  local qh, ql = 0, 0
+  if r.q then qh, ql = decimal_halves(r.q) end
+  local mh, ml = halves(r.m or 0)
+  local sh, sl = halves(r.s or 0)
+  local flags = (r.l == 1 and 1 or 0) + (r.q and 2 or 0) + (r.x == 1 and 4 or 0)
+    + (sh > 0 and 32 or 0)
+  local out = pack_version(r.q ~= nil, qh, ql, mh, ml, sh, sl) .. struct.pack('>I4', r.i or 0)
+  if r.mm then
+    local mqh, mql = 0, 0
+    if r.mq then mqh, mql = decimal_halves(r.mq) end
+    local mmh, mml = halves(r.mm)
+    local msh, msl = halves(r.ms or 0)
+    flags = flags + 8 + (r.mq and 16 or 0) + (msh > 0 and 64 or 0)
+    out = out .. pack_version(r.mq ~= nil, mqh, mql, mmh, mml, msh, msl) .. (r.d or '')
+  end
+  return string.char(flags) .. out
+end
+
+-- A stored session record (HGET's reply: false when there is none) in the current layout, and
+-- its flags (0 when there is none).
+local function load_record(raw)
+  if not raw then return false, 0 end
+  local flags = string.byte(raw) or 0
+  if flags >= 128 then
+    raw = upgrade(raw)
+    flags = string.byte(raw)
+  end
+  return raw, flags
 end
 
 -- Is version 1 newer than version 2? With a seq on both, the higher seq wins and, for equal seq,
