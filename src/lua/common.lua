@@ -40,6 +40,11 @@ local ttl = tonumber(ARGV[2])
 local opts = cmsgpack.unpack(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Numbers passed to redis.call are formatted there with snprintf('%.17g') on every call: the
+-- ones used per session or per document are formatted once, as integers.
+local now_arg = string.format('%d', now)
+local prune_arg = string.format('%d', now - history)
+local due_arg = string.format('%d', now + ttl)
 
 -- The document's changes to the totals and global indexes, written by flush_globals().
 local d_sessions, d_users = 0, 0
@@ -169,7 +174,7 @@ end
 -- A session became live, or was refreshed while live. `tombstone`: it had ended before.
 local function session_live(field, user, was_live, tombstone)
   if not was_live then
-    if redis.call('HINCRBY', KEYS[K + 4], user, 1) == 1 then
+    if redis.call('HINCRBY', KEYS[K + 4], user, '1') == 1 then
       redis.call('SADD', KEYS[K + 1], user)
       d_users, present = d_users + 1, present + 1
       feed(user, 'joined')
@@ -177,13 +182,13 @@ local function session_live(field, user, was_live, tombstone)
     if tombstone then redis.call('ZREM', KEYS[K + 5], field) end
     d_sessions, went_live = d_sessions + 1, true
   end
-  if ttl > 0 then redis.call('ZADD', KEYS[K + 6], now, field) end
+  if ttl > 0 then redis.call('ZADD', KEYS[K + 6], now_arg, field) end
 end
 
 -- A session ended (leave or expiry); its record stays as ordering history.
 local function session_ended(field, user, was_live)
   if was_live then
-    if redis.call('HINCRBY', KEYS[K + 4], user, -1) <= 0 then
+    if redis.call('HINCRBY', KEYS[K + 4], user, '-1') <= 0 then
       redis.call('HDEL', KEYS[K + 4], user)
       redis.call('SREM', KEYS[K + 1], user)
       d_users, present = d_users - 1, present - 1
@@ -192,7 +197,7 @@ local function session_ended(field, user, was_live)
     d_sessions = d_sessions - 1
     if ttl > 0 then redis.call('ZREM', KEYS[K + 6], field) end
   end
-  redis.call('ZADD', KEYS[K + 5], now, field)
+  redis.call('ZADD', KEYS[K + 5], now_arg, field)
   ended_touched = true
 end
 
@@ -281,8 +286,9 @@ local function finish_doc()
     redis.call('PEXPIRE', KEYS[K + 7], history)
   else
     if after ~= before then
-      redis.call('SET', KEYS[K + 2], after)
-      top_set[#top_set + 1] = after
+      local count = string.format('%d', after)
+      redis.call('SET', KEYS[K + 2], count)
+      top_set[#top_set + 1] = count
       top_set[#top_set + 1] = doc
     end
     if before == 0 then
@@ -293,7 +299,7 @@ local function finish_doc()
     if ended_touched or went_live then
       -- Prune the history of sessions that ended long ago, a few at a time, whenever sessions
       -- start or end here (not on every heartbeat).
-      local old = redis.call('ZRANGEBYSCORE', KEYS[K + 5], '-inf', now - history, 'LIMIT', 0, 64)
+      local old = redis.call('ZRANGEBYSCORE', KEYS[K + 5], '-inf', prune_arg, 'LIMIT', 0, 64)
       if #old > 0 then
         redis.call('HDEL', KEYS[K + 3], unpack(old))
         redis.call('ZREM', KEYS[K + 5], unpack(old))
@@ -311,7 +317,7 @@ local function finish_doc()
       elseif went_live then
         -- A new live session is due at now + ttl at the earliest: an existing (earlier) due
         -- time stays. The index may be early, never late: expiry sets the exact time.
-        due_nx[#due_nx + 1] = now + ttl
+        due_nx[#due_nx + 1] = due_arg
         due_nx[#due_nx + 1] = doc
       end
     end
