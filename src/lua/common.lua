@@ -44,13 +44,17 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- ones used per session or per document are formatted once, as integers.
 local now_arg = string.format('%d', now)
 local prune_arg = string.format('%d', now - history)
+local history_arg = ARGV[1]
 local due_arg = string.format('%d', now + ttl)
 
--- The document's changes to the totals and global indexes, written by flush_globals().
+-- The document's changes to the totals and global indexes, written by flush_globals(): to the
+-- live sessions and present users, its new count for `top` (false: remove it), its new due time
+-- (false: remove it; due_nx: only if it has none).
 local d_sessions, d_users = 0, 0
-local top_set, top_del, due_nx, due_set, due_del = {}, {}, {}, {}, {}
+local top_count, due_at, due_nx = nil, nil, false
 
--- The document being changed (set by begin_doc).
+-- The document being changed (set by begin_doc), its count before, and now (SCARD of its users,
+-- followed through SADD and SREM).
 local K, doc, before, present = 0, '', 0, 0
 local ended_touched, went_live = false, false
 -- The event that changed membership last (set by the calling script), and why users leave.
@@ -175,8 +179,8 @@ end
 local function session_live(field, user, was_live, tombstone)
   if not was_live then
     if redis.call('HINCRBY', KEYS[K + 4], user, '1') == 1 then
-      redis.call('SADD', KEYS[K + 1], user)
-      d_users, present = d_users + 1, present + 1
+      present = present + redis.call('SADD', KEYS[K + 1], user)
+      d_users = d_users + 1
       feed(user, 'joined')
     end
     if tombstone then redis.call('ZREM', KEYS[K + 5], field) end
@@ -190,8 +194,8 @@ local function session_ended(field, user, was_live)
   if was_live then
     if redis.call('HINCRBY', KEYS[K + 4], user, '-1') <= 0 then
       redis.call('HDEL', KEYS[K + 4], user)
-      redis.call('SREM', KEYS[K + 1], user)
-      d_users, present = d_users - 1, present - 1
+      present = present - redis.call('SREM', KEYS[K + 1], user)
+      d_users = d_users - 1
       feed(user, 'left')
     end
     d_sessions = d_sessions - 1
@@ -259,37 +263,48 @@ end
 -- once per call: if a later document of the same call fails (a key of the wrong type), the
 -- documents already changed are complete, and the retry finds them stale.
 local function flush_globals()
-  if d_sessions ~= 0 then redis.call('HINCRBY', KEYS[2], 'live_sessions', d_sessions) end
-  if d_users ~= 0 then redis.call('HINCRBY', KEYS[2], 'present_users', d_users) end
-  if #top_del > 0 then redis.call('ZREM', KEYS[3], unpack(top_del)) end
-  if #top_set > 0 then redis.call('ZADD', KEYS[3], unpack(top_set)) end
-  if #due_del > 0 then redis.call('ZREM', KEYS[1], unpack(due_del)) end
-  if #due_set > 0 then redis.call('ZADD', KEYS[1], unpack(due_set)) end
-  if #due_nx > 0 then redis.call('ZADD', KEYS[1], 'NX', unpack(due_nx)) end
-  d_sessions, d_users = 0, 0
-  top_set, top_del, due_nx, due_set, due_del = {}, {}, {}, {}, {}
+  if d_sessions ~= 0 then
+    redis.call('HINCRBY', KEYS[2], 'live_sessions', string.format('%d', d_sessions))
+  end
+  if d_users ~= 0 then
+    redis.call('HINCRBY', KEYS[2], 'present_users', string.format('%d', d_users))
+  end
+  if top_count then
+    redis.call('ZADD', KEYS[3], top_count, doc)
+  elseif top_count == false then
+    redis.call('ZREM', KEYS[3], doc)
+  end
+  if due_at then
+    if due_nx then
+      redis.call('ZADD', KEYS[1], 'NX', due_at, doc)
+    else
+      redis.call('ZADD', KEYS[1], due_at, doc)
+    end
+  elseif due_at == false then
+    redis.call('ZREM', KEYS[1], doc)
+  end
+  d_sessions, d_users, top_count, due_at, due_nx = 0, 0, nil, nil, false
 end
 
 -- After a document's changes: its count, the lifetime of its history, its expiry due time and
 -- its snapshot request. Returns the snapshot reason ('' for none).
 local function finish_doc()
-  local after = redis.call('SCARD', KEYS[K + 1])
+  local after = present
   if after == 0 then
     -- Nobody is here: only ordering history remains, and it goes once it is old enough.
     if before ~= 0 then
       redis.call('DEL', KEYS[K + 2])
-      top_del[#top_del + 1] = doc
+      top_count = false
     end
-    if ttl > 0 then due_del[#due_del + 1] = doc end
-    redis.call('PEXPIRE', KEYS[K + 3], history)
-    redis.call('PEXPIRE', KEYS[K + 5], history)
-    redis.call('PEXPIRE', KEYS[K + 7], history)
+    if ttl > 0 then due_at = false end
+    redis.call('PEXPIRE', KEYS[K + 3], history_arg)
+    redis.call('PEXPIRE', KEYS[K + 5], history_arg)
+    redis.call('PEXPIRE', KEYS[K + 7], history_arg)
   else
     if after ~= before then
       local count = string.format('%d', after)
       redis.call('SET', KEYS[K + 2], count)
-      top_set[#top_set + 1] = count
-      top_set[#top_set + 1] = doc
+      top_count = count
     end
     if before == 0 then
       redis.call('PERSIST', KEYS[K + 3])
@@ -309,16 +324,14 @@ local function finish_doc()
       if exact_due then
         local first = redis.call('ZRANGE', KEYS[K + 6], 0, 0, 'WITHSCORES')
         if first[2] then
-          due_set[#due_set + 1] = tonumber(first[2]) + ttl
-          due_set[#due_set + 1] = doc
+          due_at = tonumber(first[2]) + ttl
         else
-          due_del[#due_del + 1] = doc
+          due_at = false
         end
       elseif went_live then
         -- A new live session is due at now + ttl at the earliest: an existing (earlier) due
         -- time stays. The index may be early, never late: expiry sets the exact time.
-        due_nx[#due_nx + 1] = due_arg
-        due_nx[#due_nx + 1] = doc
+        due_at, due_nx = due_arg, true
       end
     end
   end

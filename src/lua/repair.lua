@@ -87,6 +87,7 @@ if fix and #problems > 0 then
     redis.call('PERSIST', KEYS[K + 3])
     redis.call('PERSIST', KEYS[K + 5])
   end
+  present = redis.call('SCARD', KEYS[K + 1])
   before = -1 -- make finish_doc() rewrite the count and the indexes
   finish_doc()
 end
