@@ -772,3 +772,39 @@ async fn records_of_the_earlier_messagepack_layout_still_apply() {
     assert_eq!((bob.live, bob.expired), (false, true));
     assert_eq!(bob.entry_id, "2000-0");
 }
+
+/// A session that ended is in the `:ended` history (so it is pruned once old); when it comes back
+/// it leaves that history, so pruning never drops the record of a live session.
+#[tokio::test]
+async fn a_session_back_after_leaving_leaves_the_ended_history() {
+    use presence_worker::apply::Applier;
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
+    let ended = |con: &mut ConnectionManager| {
+        let mut con = con.clone();
+        async move {
+            let ended: Vec<String> = redis::cmd("ZRANGE")
+                .arg("sessions:doc:{d}:ended")
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            ended
+        }
+    };
+    for (ms, kind, want) in [
+        (1, EventType::Join, vec![]),
+        (2, EventType::Leave, vec!["a\x1fa"]),
+        (3, EventType::Join, vec![]),
+    ] {
+        let batch = [(StreamId::new(ms, 0), ev(kind, "d", "a", None))];
+        applier.apply(&mut con, &coalesce(&batch)).await.unwrap();
+        assert_eq!(ended(&mut con).await, want, "after {kind:?}");
+    }
+    assert_eq!(state(&mut con, "d").await.users, ["a"]);
+}

@@ -92,7 +92,7 @@ for di = 0, tonumber(ARGV[4]) - 1 do
       if rf % 2 == 1 then
         -- A stale event that only brought newer meta does not refresh the session.
         if outcome ~= 1 then
-          session_live(field, not was_live and string.sub(field, 1, ulen), was_live, raw ~= nil)
+          session_live(field, not was_live and string.sub(field, 1, ulen), was_live, raw ~= false)
         end
       elseif was_live or outcome == 0 then
         session_ended(field, was_live and string.sub(field, 1, ulen), was_live)
