@@ -162,33 +162,36 @@ impl Applier {
             invocations.push(self.apply_invocation(&docs[start..end]));
             start = end;
         }
-        let replies: Vec<(Vec<i64>, String)> =
-            invoke_pipelined::<Vec<_>>(con, &self.script, &invocations)
-                .await?
-                .into_iter()
-                .flatten()
-                .collect();
-        if replies.len() != docs.len() {
+        // Per call a flat array, two strings per document: outcomes (one digit per session) and
+        // the snapshot reason.
+        let replies: Vec<String> = invoke_pipelined::<Vec<String>>(con, &self.script, &invocations)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        if replies.len() != 2 * docs.len() {
             return Err(Error::Protocol(format!(
-                "{} replies for {} documents",
+                "{} reply items for {} documents",
                 replies.len(),
                 docs.len()
             )));
         }
-        Ok(replies
-            .into_iter()
-            .map(|(codes, snapshot)| Applied {
+        let mut replies = replies.into_iter();
+        let mut out = Vec::with_capacity(docs.len());
+        while let (Some(codes), Some(snapshot)) = (replies.next(), replies.next()) {
+            out.push(Applied {
                 outcomes: codes
-                    .into_iter()
+                    .bytes()
                     .map(|c| match c {
-                        0 => Outcome::Applied,
-                        2 => Outcome::Duplicate,
+                        b'0' => Outcome::Applied,
+                        b'2' => Outcome::Duplicate,
                         _ => Outcome::Stale,
                     })
                     .collect(),
                 snapshot,
-            })
-            .collect())
+            });
+        }
+        Ok(out)
     }
 
     fn apply_invocation<'s>(&'s self, docs: &[DocUpdate]) -> ScriptInvocation<'s> {

@@ -13,8 +13,10 @@
 --     the meta bytes (u32 length, then the bytes)
 --   the event id, then the entry id (`<ms>-<seq>`): read only for a snapshot request's cause.
 --
--- Returns per document {outcomes, snapshot}: one outcome per session (0 applied, 1 stale,
--- 2 duplicate: the same event as the winner), and the reason of the snapshot request queued ('').
+-- Returns one flat array, two strings per document: its outcomes, one character per session
+-- ('0' applied, '1' stale, '2' duplicate: the same event as the winner), and the reason of the
+-- snapshot request queued (''). (Flat: Redis converts each nested Lua table of a reply with
+-- several lookups.)
 
 local SESSION = '>BI4I4I4I4I4I4I4I4I4BI4c0'
 local META_WRITE = '>I4I4I4I4I4I4'
@@ -24,6 +26,8 @@ local BYTES = '>I4c0'
 local V, VQ, VW, VQW = '>I4I4I4I4', '>I4I4I4I4I4I4', '>I4I4I4I4I4', '>I4I4I4I4I4I4I4'
 -- The same with the flags first.
 local R, RQ, RW, RQW = '>BI4I4I4I4', '>BI4I4I4I4I4I4', '>BI4I4I4I4I4', '>BI4I4I4I4I4I4I4'
+
+local OUTCOME = {[0] = '0', [1] = '1', [2] = '2'}
 
 local a = 5
 local results = {}
@@ -86,7 +90,7 @@ for di = 0, tonumber(ARGV[4]) - 1 do
         dirty = true
       end
     end
-    out[k] = outcome
+    out[k] = OUTCOME[outcome]
     if dirty then
       cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
       if rf % 2 == 1 then
@@ -114,6 +118,7 @@ for di = 0, tonumber(ARGV[4]) - 1 do
     end
     p = p + idlen + elen
   end
-  results[di + 1] = {out, finish_doc()}
+  results[2 * di + 1] = table.concat(out)
+  results[2 * di + 2] = finish_doc()
 end
 return results
