@@ -808,3 +808,49 @@ async fn a_session_back_after_leaving_leaves_the_ended_history() {
     }
     assert_eq!(state(&mut con, "d").await.users, ["a"]);
 }
+
+/// One call may carry the same document twice (the API allows it): its totals and index entries
+/// end as if the two updates had been applied one after the other.
+#[tokio::test]
+async fn a_document_twice_in_one_call_ends_as_if_applied_in_order() {
+    use presence_worker::apply::Applier;
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
+    let update =
+        |ms: u64, kind, doc: &str| coalesce(&[(StreamId::new(ms, 0), ev(kind, doc, "a", None))]);
+    // "in": joined then left within the call; "out": left (nothing) then joined.
+    let mut docs = update(1, EventType::Join, "in");
+    docs.extend(update(2, EventType::Leave, "in"));
+    docs.extend(update(3, EventType::Leave, "out"));
+    docs.extend(update(4, EventType::Join, "out"));
+    applier.apply(&mut con, &docs).await.unwrap();
+    let zrange = |key: &'static str| {
+        let mut con = con.clone();
+        async move {
+            let v: Vec<String> = redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            v
+        }
+    };
+    assert_eq!(zrange("sessions:top").await, ["out"]);
+    assert_eq!(zrange("sessions:expiry").await, ["out"]);
+    let stats: Vec<i64> = redis::cmd("HMGET")
+        .arg("sessions:stats")
+        .arg("live_sessions")
+        .arg("present_users")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(stats, [1, 1]);
+    assert!(state(&mut con, "in").await.users.is_empty());
+    assert_eq!(state(&mut con, "out").await.users, ["a"]);
+}

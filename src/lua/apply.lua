@@ -31,7 +31,7 @@ local OUTCOME = {[0] = '0', [1] = '1', [2] = '2'}
 
 local a = 5
 local results = {}
-for di = 0, tonumber(ARGV[4]) - 1 do
+local function apply_doc(di)
   begin_doc(di, ARGV[a])
   local n = tonumber(ARGV[a + 1])
   local packed = ARGV[a + 2]
@@ -121,4 +121,7 @@ for di = 0, tonumber(ARGV[4]) - 1 do
   results[2 * di + 1] = table.concat(out)
   results[2 * di + 2] = finish_doc()
 end
+with_globals(function()
+  for di = 0, tonumber(ARGV[4]) - 1 do apply_doc(di) end
+end)
 return results

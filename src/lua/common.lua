@@ -47,11 +47,11 @@ local prune_arg = string.format('%d', now - history)
 local history_arg = ARGV[1]
 local due_arg = string.format('%d', now + ttl)
 
--- The document's changes to the totals and global indexes, written by flush_globals(): to the
--- live sessions and present users, its new count for `top` (false: remove it), its new due time
--- (false: remove it; due_nx: only if it has none).
+-- The changes to the totals and the global indexes, written once per call by flush_globals():
+-- to the live sessions and present users, and per document its new count in `top` (false:
+-- remove it) and its new due time (due_mode: 'nx' only if it has none, 'set', or 'del').
 local d_sessions, d_users = 0, 0
-local top_count, due_at, due_nx = nil, nil, false
+local top_of, due_at, due_mode = {}, {}, {}
 
 -- The document being changed (set by begin_doc), its count before, and now (SCARD of its users,
 -- followed through SADD and SREM).
@@ -259,9 +259,7 @@ local function snapshot(after)
   return reason
 end
 
--- Writes the document's changes to the totals and the global indexes. Done per document, not
--- once per call: if a later document of the same call fails (a key of the wrong type), the
--- documents already changed are complete, and the retry finds them stale.
+-- Writes the changes to the totals and the global indexes, once per call (with_globals).
 local function flush_globals()
   if d_sessions ~= 0 then
     redis.call('HINCRBY', KEYS[2], 'live_sessions', string.format('%d', d_sessions))
@@ -269,21 +267,51 @@ local function flush_globals()
   if d_users ~= 0 then
     redis.call('HINCRBY', KEYS[2], 'present_users', string.format('%d', d_users))
   end
-  if top_count then
-    redis.call('ZADD', KEYS[3], top_count, doc)
-  elseif top_count == false then
-    redis.call('ZREM', KEYS[3], doc)
-  end
-  if due_at then
-    if due_nx then
-      redis.call('ZADD', KEYS[1], 'NX', due_at, doc)
+  local add, del = {}, {}
+  for d, count in pairs(top_of) do
+    if count then
+      add[#add + 1], add[#add + 2] = count, d
     else
-      redis.call('ZADD', KEYS[1], due_at, doc)
+      del[#del + 1] = d
     end
-  elseif due_at == false then
-    redis.call('ZREM', KEYS[1], doc)
   end
-  d_sessions, d_users, top_count, due_at, due_nx = 0, 0, nil, nil, false
+  if #del > 0 then redis.call('ZREM', KEYS[3], unpack(del)) end
+  if #add > 0 then redis.call('ZADD', KEYS[3], unpack(add)) end
+  local set, nx = {}, {}
+  del = {}
+  for d, mode in pairs(due_mode) do
+    if mode == 'del' then
+      del[#del + 1] = d
+    elseif mode == 'nx' then
+      nx[#nx + 1], nx[#nx + 2] = due_at[d], d
+    else
+      set[#set + 1], set[#set + 2] = due_at[d], d
+    end
+  end
+  if #del > 0 then redis.call('ZREM', KEYS[1], unpack(del)) end
+  if #set > 0 then redis.call('ZADD', KEYS[1], unpack(set)) end
+  if #nx > 0 then redis.call('ZADD', KEYS[1], 'NX', unpack(nx)) end
+  d_sessions, d_users, top_of, due_at, due_mode = 0, 0, {}, {}, {}
+end
+
+-- Runs body() and then writes the totals and global indexes it changed, also when it fails (a
+-- key of the wrong type in a later document): Lua scripts do not roll back, so the documents
+-- already changed stay changed and their totals must count them (the retry finds them stale).
+local function with_globals(body)
+  local ok, err = pcall(body)
+  flush_globals()
+  if not ok then error(err, 0) end
+end
+
+-- The document's due time changes: `mode` 'nx' (set `at` only if it has none), 'set' or 'del'.
+-- Several changes of one document in one call combine as if written in order.
+local function due_change(mode, at)
+  local prev = due_mode[doc]
+  if mode == 'nx' then
+    if prev == 'nx' or prev == 'set' then return end
+    if prev == 'del' then mode = 'set' end
+  end
+  due_mode[doc], due_at[doc] = mode, at
 end
 
 -- After a document's changes: its count, the lifetime of its history, its expiry due time and
@@ -294,9 +322,9 @@ local function finish_doc()
     -- Nobody is here: only ordering history remains, and it goes once it is old enough.
     if before ~= 0 then
       redis.call('DEL', KEYS[K + 2])
-      top_count = false
+      top_of[doc] = false
     end
-    if ttl > 0 then due_at = false end
+    if ttl > 0 then due_change('del') end
     redis.call('PEXPIRE', KEYS[K + 3], history_arg)
     redis.call('PEXPIRE', KEYS[K + 5], history_arg)
     redis.call('PEXPIRE', KEYS[K + 7], history_arg)
@@ -304,7 +332,7 @@ local function finish_doc()
     if after ~= before then
       local count = string.format('%d', after)
       redis.call('SET', KEYS[K + 2], count)
-      top_count = count
+      top_of[doc] = count
     end
     if before == 0 then
       redis.call('PERSIST', KEYS[K + 3])
@@ -324,18 +352,16 @@ local function finish_doc()
       if exact_due then
         local first = redis.call('ZRANGE', KEYS[K + 6], 0, 0, 'WITHSCORES')
         if first[2] then
-          due_at = tonumber(first[2]) + ttl
+          due_change('set', tonumber(first[2]) + ttl)
         else
-          due_at = false
+          due_change('del')
         end
       elseif went_live then
         -- A new live session is due at now + ttl at the earliest: an existing (earlier) due
         -- time stays. The index may be early, never late: expiry sets the exact time.
-        due_at, due_nx = due_arg, true
+        due_change('nx', due_arg)
       end
     end
   end
-  local reason = snapshot(after)
-  flush_globals()
-  return reason
+  return snapshot(after)
 end

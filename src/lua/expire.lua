@@ -13,7 +13,7 @@ exact_due = true
 local cutoff = now - ttl
 local max = tonumber(ARGV[5])
 local results = {}
-for di = 0, tonumber(ARGV[4]) - 1 do
+local function expire_doc(di)
   begin_doc(di, ARGV[6 + di])
   left_reason, cause_event, cause_entry = 'expired', 'expiry', ''
   local due = redis.call('ZRANGEBYSCORE', KEYS[K + 6], '-inf', cutoff, 'LIMIT', 0, max)
@@ -34,4 +34,7 @@ for di = 0, tonumber(ARGV[4]) - 1 do
   end
   results[di + 1] = {expired, finish_doc()}
 end
+with_globals(function()
+  for di = 0, tonumber(ARGV[4]) - 1 do expire_doc(di) end
+end)
 return results

@@ -89,6 +89,6 @@ if fix and #problems > 0 then
   end
   present = redis.call('SCARD', KEYS[K + 1])
   before = -1 -- make finish_doc() rewrite the count and the indexes
-  finish_doc()
+  with_globals(finish_doc)
 end
 return problems
