@@ -5,7 +5,7 @@
 use crate::connection::Conn;
 use redis::{Script, ScriptInvocation};
 
-use crate::coalesce::{DocUpdate, Version};
+use crate::coalesce::{DocUpdate, SessionUpdate, Version};
 use crate::error::{Error, Result};
 use crate::keys::Keys;
 use crate::snapshot::SnapshotConfig;
@@ -206,19 +206,24 @@ impl Applier {
             .iter()
             .map(|call| self.apply_invocation(call.iter().map(|&i| &docs[i])))
             .collect();
-        let replies: Vec<Vec<(Vec<i64>, String)>> =
-            invoke_pipelined(con, &self.script, &invocations).await?;
+        // Per call a flat array, two strings per document: outcomes (one digit per session) and
+        // the snapshot reason.
+        let replies: Vec<Vec<String>> = invoke_pipelined(con, &self.script, &invocations).await?;
         let mut out = vec![Applied::default(); docs.len()];
         let mut answered = 0;
         for (call, replies) in calls.iter().zip(replies) {
-            for (&i, (codes, snapshot)) in call.iter().zip(replies) {
+            let mut replies = replies.into_iter();
+            for &i in call {
+                let (Some(codes), Some(snapshot)) = (replies.next(), replies.next()) else {
+                    break;
+                };
                 answered += 1;
                 out[i] = Applied {
                     outcomes: codes
-                        .into_iter()
+                        .bytes()
                         .map(|c| match c {
-                            0 => Outcome::Applied,
-                            2 => Outcome::Duplicate,
+                            b'0' => Outcome::Applied,
+                            b'2' => Outcome::Duplicate,
                             _ => Outcome::Stale,
                         })
                         .collect(),
@@ -242,23 +247,9 @@ impl Applier {
         let mut inv = self.invocation(&self.script, docs.clone().map(|d| d.doc.as_str()));
         inv.arg(docs.clone().count());
         for d in docs {
-            inv.arg(&d.doc).arg(d.sessions.len());
-            for s in &d.sessions {
-                inv.arg(&s.field).arg(&s.user);
-                inv.arg(if s.live { "1" } else { "0" });
-                push_version(&mut inv, &s.version);
-                inv.arg(&s.event_id).arg(id_hash(&s.event_id));
-                match &s.meta {
-                    None => {
-                        inv.arg("").arg("").arg("").arg("").arg("");
-                    }
-                    Some((v, m)) => {
-                        inv.arg(if m.is_some() { "1" } else { "0" });
-                        push_version(&mut inv, v);
-                        inv.arg(m.as_deref().unwrap_or_default());
-                    }
-                }
-            }
+            inv.arg(&d.doc)
+                .arg(d.sessions.len())
+                .arg(pack_sessions(&d.sessions));
         }
         inv
     }
@@ -337,10 +328,56 @@ pub fn id_hash(id: &str) -> u32 {
     crate::shard::fnv1a32(id.as_bytes())
 }
 
-fn push_version(inv: &mut ScriptInvocation<'_>, v: &Version) {
-    match v.seq {
-        Some(q) => inv.arg(q.to_string()),
-        None => inv.arg(""),
-    };
-    inv.arg(v.sid.ms).arg(v.sid.seq);
+/// A document's sessions as `apply.lua` reads them: one string, one session after the other (the
+/// layout is documented in its header; every number big-endian, a u64 as its two u32 halves).
+pub(crate) fn pack_sessions(sessions: &[SessionUpdate]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(sessions.len() * 128);
+    for s in sessions {
+        let entry = s.version.sid.to_string();
+        let mut flags = u8::from(s.live);
+        if s.version.seq.is_some() {
+            flags |= 2;
+        }
+        if let Some((v, m)) = &s.meta {
+            flags |= 8;
+            if v.seq.is_some() {
+                flags |= 16;
+            }
+            if m.is_some() {
+                flags |= 32;
+            }
+        }
+        b.push(flags);
+        put_version(&mut b, &s.version);
+        b.extend_from_slice(&id_hash(&s.event_id).to_be_bytes());
+        put_len(&mut b, s.user.len());
+        put_len(&mut b, s.event_id.len());
+        // SAFETY of the cast: `<u64>-<u64>` has at most 41 characters.
+        b.push(entry.len() as u8);
+        put_len(&mut b, s.field.len());
+        b.extend_from_slice(s.field.as_bytes());
+        if let Some((v, m)) = &s.meta {
+            put_version(&mut b, v);
+            if let Some(m) = m {
+                put_len(&mut b, m.len());
+                b.extend_from_slice(m);
+            }
+        }
+        b.extend_from_slice(s.event_id.as_bytes());
+        b.extend_from_slice(entry.as_bytes());
+    }
+    b
+}
+
+/// A version as three u64: seq (0 without one: the flags say), stream id ms and sequence.
+fn put_version(b: &mut Vec<u8>, v: &Version) {
+    b.extend_from_slice(&v.seq.unwrap_or(0).to_be_bytes());
+    b.extend_from_slice(&v.sid.ms.to_be_bytes());
+    b.extend_from_slice(&v.sid.seq.to_be_bytes());
+}
+
+/// A length as a u32 (every string here is far below 4 GiB: it came out of one stream entry).
+fn put_len(b: &mut Vec<u8>, n: usize) {
+    let n = u32::try_from(n).expect("a string of one stream entry is shorter than 4 GiB");
+    b.extend_from_slice(&n.to_be_bytes());
 }

@@ -89,15 +89,10 @@ pub async fn inspect(con: &mut Conn, keys: &Keys, doc: &str) -> Result<DocState>
     })
 }
 
-/// Parses one session record (see `lua/common.lua` for its fields).
+/// Parses one session record (see `lua/common.lua` for its layout), current or of the earlier
+/// MessagePack layout.
 fn parse_record(field: &str, rec: &[u8]) -> Option<SessionInfo> {
     let (user, session) = field.split_once(SESSION_SEP)?;
-    let mut rd = rec;
-    let ValueRef::Map(pairs) =
-        rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH).ok()?
-    else {
-        return None;
-    };
     let mut info = SessionInfo {
         user: user.to_owned(),
         session: session.to_owned(),
@@ -108,6 +103,61 @@ fn parse_record(field: &str, rec: &[u8]) -> Option<SessionInfo> {
         expired: false,
         last_change_ms: None,
         meta: None,
+    };
+    let (&flags, mut rest) = rec.split_first()?;
+    if flags >= 0x80 {
+        parse_legacy_record(rec, &mut info)?;
+        return Some(info);
+    }
+    info.live = flags & 1 != 0;
+    info.expired = flags & 4 != 0;
+    if flags & 2 != 0 {
+        info.seq = Some(take_u64(&mut rest)?.to_string());
+    }
+    let ms = take_u64(&mut rest)?;
+    let sq = take_sequence(&mut rest, flags & 32 != 0)?;
+    info.entry_id = format!("{ms}-{sq}");
+    info.event_id_hash = u32::from_be_bytes(take(&mut rest)?);
+    if flags & 8 != 0 {
+        // The meta version (not shown).
+        if flags & 16 != 0 {
+            take_u64(&mut rest)?;
+        }
+        take_u64(&mut rest)?;
+        take_sequence(&mut rest, flags & 64 != 0)?;
+    }
+    if !rest.is_empty() {
+        info.meta = decode_meta(rest);
+    }
+    Some(info)
+}
+
+fn take<const N: usize>(b: &mut &[u8]) -> Option<[u8; N]> {
+    let (head, rest) = b.split_first_chunk::<N>()?;
+    *b = rest;
+    Some(*head)
+}
+
+fn take_u64(b: &mut &[u8]) -> Option<u64> {
+    take(b).map(u64::from_be_bytes)
+}
+
+/// A stream id sequence: a u64 when `wide`, else a u32.
+fn take_sequence(b: &mut &[u8], wide: bool) -> Option<u64> {
+    if wide {
+        take_u64(b)
+    } else {
+        take(b).map(|x| u64::from(u32::from_be_bytes(x)))
+    }
+}
+
+/// A record of the earlier layout: a MessagePack map (l, m/s, q, i, x, mm/ms/mq, d).
+fn parse_legacy_record(rec: &[u8], info: &mut SessionInfo) -> Option<()> {
+    let mut rd = rec;
+    let ValueRef::Map(pairs) =
+        rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH).ok()?
+    else {
+        return None;
     };
     let (mut ms, mut sq) = (String::new(), String::new());
     for (k, v) in &pairs {
@@ -137,5 +187,5 @@ fn parse_record(field: &str, rec: &[u8]) -> Option<SessionInfo> {
         }
     }
     info.entry_id = format!("{ms}-{sq}");
-    Some(info)
+    Some(())
 }

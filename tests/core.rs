@@ -635,3 +635,222 @@ async fn a_refused_document_in_a_multi_document_call_leaves_the_others_complete(
     assert_eq!(common::xlen(&mut con, "sessions:events:dead").await, 1);
     w.stop().await;
 }
+
+/// Session records written by an earlier version (MessagePack maps) are read as the same records:
+/// inspected, repaired, compared with new events, expired, and rewritten in the current layout
+/// when they change.
+#[tokio::test]
+async fn records_of_the_earlier_messagepack_layout_still_apply() {
+    use presence_worker::apply::{id_hash, Applier, Outcome};
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::event::encode_meta;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let meta: presence_worker::event::Meta = [("name".to_owned(), "Alice".to_owned())].into();
+    // The state the earlier scripts left: alice (seq 7, meta) and bob (no seq, due to expire).
+    let _: () = redis::Script::new(
+        r#"
+        local d = 'sessions:doc:{old}:'
+        redis.call('HSET', d .. 'sessions',
+          ARGV[1], cmsgpack.pack({l = 1, m = 1000, s = 5, q = '7', i = tonumber(ARGV[3]),
+            mm = 1000, ms = 5, mq = '7', d = ARGV[5]}),
+          ARGV[2], cmsgpack.pack({l = 1, m = 2000, s = 0, i = tonumber(ARGV[4])}))
+        redis.call('SADD', d .. 'users', 'alice', 'bob')
+        redis.call('SET', d .. 'count', 2)
+        redis.call('HSET', d .. 'live', 'alice', 1, 'bob', 1)
+        local t = redis.call('TIME')
+        redis.call('ZADD', d .. 'alive', t[1] * 1000, ARGV[1], 0, ARGV[2])
+        redis.call('HSET', 'sessions:stats', 'live_sessions', 2, 'present_users', 2)
+        redis.call('ZADD', 'sessions:top', 2, 'old')
+        "#,
+    )
+    .arg("alice\x1ftab")
+    .arg("bob\x1fbob")
+    .arg(id_hash("ev-7"))
+    .arg(id_hash("ev-b"))
+    .arg(encode_meta(&meta))
+    .invoke_async(&mut con)
+    .await
+    .unwrap();
+
+    let report = presence_worker::ops::repair(
+        &mut con,
+        &Keys::new("sessions"),
+        600_000,
+        60_000,
+        false,
+        |_, _| {},
+    )
+    .await
+    .unwrap();
+    assert!(report.broken.is_empty(), "{:?}", report.broken);
+    let s = state(&mut con, "old").await;
+    assert_eq!(s.users, ["alice", "bob"]);
+    let alice = &s.sessions[0];
+    assert_eq!(
+        (alice.live, alice.seq.as_deref(), alice.entry_id.as_str()),
+        (true, Some("7"), "1000-5")
+    );
+    assert_eq!(alice.event_id_hash, id_hash("ev-7"));
+    assert_eq!(alice.meta.as_ref(), Some(&meta));
+    assert_eq!(s.sessions[1].entry_id, "2000-0");
+
+    let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
+    let event = |kind, seq, id: &str| {
+        let mut e = ev(kind, "old", "alice", Some("tab"));
+        e.seq = Some(seq);
+        e.id = id.to_owned();
+        e
+    };
+    async fn apply_one(
+        applier: &Applier,
+        con: &mut Conn,
+        ms: u64,
+        e: Event,
+    ) -> Outcome {
+        let docs = coalesce(&[(StreamId::new(ms, 0), e)]);
+        applier.apply(con, &docs).await.unwrap()[0].outcomes[0]
+    }
+    // The same seq in a later entry: stale, and the same event id: a duplicate.
+    assert_eq!(
+        apply_one(
+            &applier,
+            &mut con,
+            1001,
+            event(EventType::Heartbeat, 7, "ev-7")
+        )
+        .await,
+        Outcome::Duplicate
+    );
+    assert_eq!(
+        apply_one(
+            &applier,
+            &mut con,
+            1002,
+            event(EventType::Heartbeat, 8, "ev-8")
+        )
+        .await,
+        Outcome::Applied
+    );
+    let raw: Vec<u8> = redis::cmd("HGET")
+        .arg("sessions:doc:{old}:sessions")
+        .arg("alice\x1ftab")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(raw[0] < 0x80, "rewritten in the current layout: {raw:?}");
+    let s = state(&mut con, "old").await;
+    let alice = &s.sessions[0];
+    assert_eq!(
+        (alice.live, alice.seq.as_deref(), alice.entry_id.as_str()),
+        (true, Some("8"), "1002-0")
+    );
+    assert_eq!(alice.meta.as_ref(), Some(&meta), "meta kept");
+
+    // Bob's legacy record expires; alice's leave then ends her session and clears her meta.
+    assert_eq!(
+        applier
+            .expire(&mut con, &["old".to_owned()])
+            .await
+            .unwrap()
+            .0,
+        1
+    );
+    assert_eq!(
+        apply_one(&applier, &mut con, 1003, event(EventType::Leave, 9, "ev-9")).await,
+        Outcome::Applied
+    );
+    let s = state(&mut con, "old").await;
+    assert!(s.users.is_empty() && s.count.is_none(), "{s:?}");
+    let (alice, bob) = (&s.sessions[0], &s.sessions[1]);
+    assert_eq!(
+        (alice.live, alice.expired, &alice.meta),
+        (false, false, &None)
+    );
+    assert_eq!((bob.live, bob.expired), (false, true));
+    assert_eq!(bob.entry_id, "2000-0");
+}
+
+/// A session that ended is in the `:ended` history (so it is pruned once old); when it comes back
+/// it leaves that history, so pruning never drops the record of a live session.
+#[tokio::test]
+async fn a_session_back_after_leaving_leaves_the_ended_history() {
+    use presence_worker::apply::Applier;
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
+    let ended = |con: &mut Conn| {
+        let mut con = con.clone();
+        async move {
+            let ended: Vec<String> = redis::cmd("ZRANGE")
+                .arg("sessions:doc:{d}:ended")
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            ended
+        }
+    };
+    for (ms, kind, want) in [
+        (1, EventType::Join, vec![]),
+        (2, EventType::Leave, vec!["a\x1fa"]),
+        (3, EventType::Join, vec![]),
+    ] {
+        let batch = [(StreamId::new(ms, 0), ev(kind, "d", "a", None))];
+        applier.apply(&mut con, &coalesce(&batch)).await.unwrap();
+        assert_eq!(ended(&mut con).await, want, "after {kind:?}");
+    }
+    assert_eq!(state(&mut con, "d").await.users, ["a"]);
+}
+
+/// One call may carry the same document twice (the API allows it): its totals and index entries
+/// end as if the two updates had been applied one after the other.
+#[tokio::test]
+async fn a_document_twice_in_one_call_ends_as_if_applied_in_order() {
+    use presence_worker::apply::Applier;
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
+    let update =
+        |ms: u64, kind, doc: &str| coalesce(&[(StreamId::new(ms, 0), ev(kind, doc, "a", None))]);
+    // "in": joined then left within the call; "out": left (nothing) then joined.
+    let mut docs = update(1, EventType::Join, "in");
+    docs.extend(update(2, EventType::Leave, "in"));
+    docs.extend(update(3, EventType::Leave, "out"));
+    docs.extend(update(4, EventType::Join, "out"));
+    applier.apply(&mut con, &docs).await.unwrap();
+    let zrange = |key: &'static str| {
+        let mut con = con.clone();
+        async move {
+            let v: Vec<String> = redis::cmd("ZRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut con)
+                .await
+                .unwrap();
+            v
+        }
+    };
+    assert_eq!(zrange("sessions:top").await, ["out"]);
+    assert_eq!(zrange("sessions:expiry").await, ["out"]);
+    let stats: Vec<i64> = redis::cmd("HMGET")
+        .arg("sessions:stats")
+        .arg("live_sessions")
+        .arg("present_users")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(stats, [1, 1]);
+    assert!(state(&mut con, "in").await.users.is_empty());
+    assert_eq!(state(&mut con, "out").await.users, ["a"]);
+}

@@ -55,7 +55,11 @@ struct Draw {
 }
 
 fn draw() -> impl Strategy<Value = Draw> {
-    let seq = prop_oneof![9 => 0u64..12, 1 => (MAX_SEQ - 2)..=MAX_SEQ];
+    let seq = prop_oneof![
+        8 => 0u64..12,
+        1 => (MAX_SEQ - 2)..=MAX_SEQ,
+        1 => ((1u64 << 32) - 2)..((1u64 << 32) + 2),
+    ];
     let kind = prop::sample::select(EventType::ALL.to_vec());
     let dup = prop::option::weighted(0.15, any::<Index>());
     (
@@ -80,10 +84,20 @@ fn draw() -> impl Strategy<Value = Draw> {
         })
 }
 
-/// The stream: entries in stream order with increasing ids. The first id has 10 decimal digits
-/// and later ones may have 11, so the script's decimal comparison meets both lengths.
-fn stream(draws: &[Draw], with_seq: &[bool; 12]) -> Vec<(StreamId, Event)> {
-    let mut sid = StreamId::new(9_999_999_990, 0);
+/// Where a generated stream starts: its ids cross 10 to 11 decimal digits, 2^32 (the script
+/// holds each u64 as two 32-bit halves), 2^53 (beyond which a Lua number is not exact), the
+/// 2^32 boundary of the sequence part, or end near the largest id.
+const STREAM_STARTS: [StreamId; 5] = [
+    StreamId::new(9_999_999_990, 0),
+    StreamId::new((1 << 32) - 20, 0),
+    StreamId::new((1 << 53) - 20, 0),
+    StreamId::new(7, (1 << 32) - 10),
+    StreamId::new(u64::MAX - 400, 0),
+];
+
+/// The stream: entries in stream order with increasing ids from `start`.
+fn stream(draws: &[Draw], with_seq: &[bool; 12], start: StreamId) -> Vec<(StreamId, Event)> {
+    let mut sid = start;
     let mut out: Vec<(StreamId, Event)> = Vec::with_capacity(draws.len());
     for (i, d) in draws.iter().enumerate() {
         sid = match d.gap {
@@ -136,9 +150,10 @@ fn case() -> impl Strategy<Value = Case> {
         vec(prop::bool::weighted(0.3), MAX_EVENTS - 1),
         vec(any::<u8>(), MAX_EVENTS),
         vec(any::<u8>(), MAX_EVENTS),
+        prop::sample::select(STREAM_STARTS.to_vec()),
     )
-        .prop_map(|(draws, with_seq, cuts, order_keys, again_keys)| {
-            let events = stream(&draws, &with_seq);
+        .prop_map(|(draws, with_seq, cuts, order_keys, again_keys, start)| {
+            let events = stream(&draws, &with_seq, start);
             let mut batches = Vec::new();
             let mut start = 0;
             for end in 1..events.len() {

@@ -146,6 +146,48 @@ async fn a_jump_over_several_thresholds_names_the_highest() {
     assert_eq!(r, [(6, 7), (6, 6), (4, 5)]);
 }
 
+/// The cause of a request is the last event of the step that changed the document (not a stale
+/// one after it), with its exact entry id, also beyond 2^53 ms.
+#[tokio::test]
+async fn a_request_names_the_event_that_caused_it() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let snapshots = SnapshotConfig {
+        thresholds: vec![3],
+        ..Default::default()
+    };
+    let applier = Applier::with_snapshots(Keys::new("sessions"), 600_000, 0, snapshots.clone());
+    let flusher = presence_worker::snapshot::Flusher::new(Keys::new("sessions"), &snapshots.stream);
+    let base = 1u64 << 53;
+    let sid = |ms: u64, seq: u64| presence_worker::StreamId::new(base + ms, seq);
+    let join = |user: &str, meta: bool| {
+        let mut e = Event::new(EventType::Join, "d", user);
+        if meta {
+            e.meta = Some([("name".to_owned(), user.repeat(20))].into());
+        }
+        e
+    };
+    let first = vec![(sid(10, 0), join("u3", false))];
+    applier.apply(&mut con, &coalesce(&first)).await.unwrap();
+    let mut u1 = join("u1", false);
+    u1.seq = Some(5);
+    let cause = join("u2", true);
+    let step = vec![
+        (sid(1, 0), join("u0", true)),
+        (sid(2, 7), u1),
+        (sid(3, 1), cause.clone()),
+        (sid(4, 0), Event::new(EventType::Heartbeat, "d", "u3")), // stale
+    ];
+    let applied = applier.apply(&mut con, &coalesce(&step)).await.unwrap();
+    assert_eq!(applied[0].snapshot, "threshold");
+    flusher.flush(&mut con, &["d".to_owned()]).await.unwrap();
+    let r = requests(&mut con).await;
+    assert_eq!(r.len(), 1, "{r:?}");
+    assert_eq!(r[0].cause.event_id, cause.id);
+    assert_eq!(r[0].cause.entry_id, "9007199254740995-1");
+    assert_eq!(r[0].count, 4);
+}
+
 #[tokio::test]
 async fn cooldown_bounds_the_rate_per_document() {
     let server = RedisServer::start();

@@ -1,61 +1,127 @@
 -- apply.lua: applies the coalesced events of several documents, each in one atomic step.
 -- (common.lua is prepended: it documents KEYS, ARGV[1..3] and the session record.)
 --
--- ARGV[4] number of documents; then per document: its id, its number of sessions, and per
--- session 13 arguments: field, user, live kind ("1" live, "0" ended), seq ("" none), sid ms,
--- sid seq, event id, event id hash, meta kind ("" none, "1" set, "0" clear), meta seq, meta sid
--- ms, meta sid seq, meta bytes.
+-- ARGV[4] number of documents; then per document three arguments: its id, its number of
+-- sessions, and its sessions packed in one string (struct.pack, big-endian; every u64 as two u32
+-- halves, hi then lo), one after the other:
+--   flags (u8): 1 live, 2 has a seq, 8 writes meta, 16 that write has a seq, 32 it sets meta
+--     (else it clears it)
+--   seq (u64, 0 without), stream id ms and sequence (u64 each), event id hash (u32)
+--   user length (u32: the user is the field's prefix), event id length (u32), entry id length (u8)
+--   field (u32 length, then its bytes)
+--   with flag 8: the meta write's seq, stream id ms and sequence (u64 each) and, with flag 32,
+--     the meta bytes (u32 length, then the bytes)
+--   the event id, then the entry id (`<ms>-<seq>`): read only for a snapshot request's cause.
 --
--- Returns per document {outcomes, snapshot}: one outcome per session (0 applied, 1 stale,
--- 2 duplicate: the same event as the winner), and the reason of the snapshot request queued ('').
+-- Returns one flat array, two strings per document: its outcomes, one character per session
+-- ('0' applied, '1' stale, '2' duplicate: the same event as the winner), and the reason of the
+-- snapshot request queued (''). (Flat: Redis converts each nested Lua table of a reply with
+-- several lookups.)
+
+local SESSION = '>BI4I4I4I4I4I4I4I4I4BI4c0'
+local META_WRITE = '>I4I4I4I4I4I4'
+local BYTES = '>I4c0'
+-- A session record's version and event id hash, after its flags (see common.lua): without seq or
+-- with, with a 32-bit stream id sequence or a 64-bit one.
+local V, VQ, VW, VQW = '>I4I4I4I4', '>I4I4I4I4I4I4', '>I4I4I4I4I4', '>I4I4I4I4I4I4I4'
+-- The same with the flags first.
+local R, RQ, RW, RQW = '>BI4I4I4I4', '>BI4I4I4I4I4I4', '>BI4I4I4I4I4', '>BI4I4I4I4I4I4I4'
+
+local OUTCOME = {[0] = '0', [1] = '1', [2] = '2'}
 
 local a = 5
 local results = {}
-for di = 0, tonumber(ARGV[4]) - 1 do
+local function apply_doc(di)
   begin_doc(di, ARGV[a])
   local n = tonumber(ARGV[a + 1])
-  a = a + 2
+  local packed = ARGV[a + 2]
+  a = a + 3
+  local p = 1
   local out = {}
   for k = 1, n do
-    local field, user, lkind, lseq = ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3]
-    local lms, lss, lid, lih = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5]), ARGV[a + 6], tonumber(ARGV[a + 7])
-    local mkind, mseq, mms, mss, meta = ARGV[a + 8], ARGV[a + 9], ARGV[a + 10], ARGV[a + 11], ARGV[a + 12]
-    a = a + 13
-    local raw = redis.call('HGET', KEYS[K + 3], field)
-    local r = raw and cmsgpack.unpack(raw) or {}
-    local was_live = r.l == 1
+    local lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field
+    lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field, p = struct.unpack(SESSION, packed, p)
+    local raw, rf = load_record(redis.call('HGET', KEYS[K + 3], field))
+    -- The stored version (rq: it has a seq), its event id hash, and where the rest begins.
+    local rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = false, 0, 0, 0, 0, 0, 0, nil, 1
+    if raw then
+      rq = rf % 4 >= 2
+      if rf % 64 < 32 then
+        if rq then
+          rqh, rql, rmh, rml, rsl, rih, rp = struct.unpack(VQ, raw, 2)
+        else
+          rmh, rml, rsl, rih, rp = struct.unpack(V, raw, 2)
+        end
+      elseif rq then
+        rqh, rql, rmh, rml, rsh, rsl, rih, rp = struct.unpack(VQW, raw, 2)
+      else
+        rmh, rml, rsh, rsl, rih, rp = struct.unpack(VW, raw, 2)
+      end
+    end
+    local was_live = rf % 2 == 1
     local dirty = false
     local outcome = 1
-    if r.m == nil or newer(lseq, lms, lss, r.q, r.m, r.s) then
-      outcome = (r.i == lih) and 2 or 0
-      r.l = tonumber(lkind)
-      if lseq ~= '' then r.q = lseq else r.q = nil end
-      r.m, r.s, r.i, r.x = lms, lss, lih, nil
+    if not raw or newer(lf % 4 >= 2, qh, ql, mh, ml, sh, sl, rq, rqh, rql, rmh, rml, rsh, rsl) then
+      outcome = (rih == lih) and 2 or 0
+      -- The new liveness, seq and sequence width; not expired; the meta flags kept.
+      rf = (rf - rf % 64) + (rf % 32 - rf % 8) + lf % 4 + (sh > 0 and 32 or 0)
+      rqh, rql, rmh, rml, rsh, rsl, rih = qh, ql, mh, ml, sh, sl, lih
       dirty = true
-    elseif r.i == lih then
+    elseif rih == lih then
       outcome = 2
     end
-    if mkind ~= '' then
-      mms, mss = tonumber(mms), tonumber(mss)
-      if r.mm == nil or newer(mseq, mms, mss, r.mq, r.mm, r.ms) then
-        if mseq ~= '' then r.mq = mseq else r.mq = nil end
-        r.mm, r.ms = mms, mss
-        if mkind == '1' then r.d = meta else r.d = nil end
+    -- What follows the version in the record (meta version and meta), when it changes.
+    local tail = nil
+    if lf % 16 >= 8 then
+      local mqh, mql, mmh, mml, msh, msl
+      mqh, mql, mmh, mml, msh, msl, p = struct.unpack(META_WRITE, packed, p)
+      local meta = ''
+      if lf >= 32 then meta, p = struct.unpack(BYTES, packed, p) end
+      local mq = lf % 32 >= 16
+      local mnewer = rf % 16 < 8
+      if not mnewer then
+        local q2 = rf % 32 >= 16
+        local qh2, ql2, mh2, ml2, sh2, sl2 = unpack_version(raw, rp, q2, rf >= 64)
+        mnewer = newer(mq, mqh, mql, mmh, mml, msh, msl, q2, qh2, ql2, mh2, ml2, sh2, sl2)
+      end
+      if mnewer then
+        tail = pack_version(mq, mqh, mql, mmh, mml, msh, msl) .. meta
+        rf = rf % 8 + (rf % 64 - rf % 32) + 8 + (mq and 16 or 0) + (msh > 0 and 64 or 0)
         dirty = true
       end
     end
-    out[k] = outcome
+    out[k] = OUTCOME[outcome]
     if dirty then
-      cause_event, cause_ms, cause_seq = lid, lms, lss
-      if r.l == 1 then
+      cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
+      if rf % 2 == 1 then
         -- A stale event that only brought newer meta does not refresh the session.
-        if outcome ~= 1 then session_live(field, user, was_live, raw ~= nil) end
+        if outcome ~= 1 then
+          session_live(field, not was_live and string.sub(field, 1, ulen), was_live, raw ~= false)
+        end
       elseif was_live or outcome == 0 then
-        session_ended(field, user, was_live)
+        session_ended(field, was_live and string.sub(field, 1, ulen), was_live)
       end
-      redis.call('HSET', KEYS[K + 3], field, cmsgpack.pack(r))
+      local head
+      if rf % 64 < 32 then
+        if rf % 4 >= 2 then
+          head = struct.pack(RQ, rf, rqh, rql, rmh, rml, rsl, rih)
+        else
+          head = struct.pack(R, rf, rmh, rml, rsl, rih)
+        end
+      elseif rf % 4 >= 2 then
+        head = struct.pack(RQW, rf, rqh, rql, rmh, rml, rsh, rsl, rih)
+      else
+        head = struct.pack(RW, rf, rmh, rml, rsh, rsl, rih)
+      end
+      if not tail then tail = raw and string.sub(raw, rp) or '' end
+      redis.call('HSET', KEYS[K + 3], field, head .. tail)
     end
+    p = p + idlen + elen
   end
-  results[di + 1] = {out, finish_doc()}
+  results[2 * di + 1] = table.concat(out)
+  results[2 * di + 2] = finish_doc()
 end
+with_globals(function()
+  for di = 0, tonumber(ARGV[4]) - 1 do apply_doc(di) end
+end)
 return results

@@ -20,28 +20,48 @@
 --   a request), p (1: publish membership changes), cp (change feed channel prefix: the channel is
 --   cp .. doc .. "}:presence").
 --
--- A session record is a MessagePack map: l (1 live, 0 ended), m/s (stream id ms and sequence of the
--- deciding event, numbers), q (its seq as a decimal string, absent when none), i (a 32-bit hash of
--- its event id), x (1 when ended by expiry), and, once an event wrote meta: mm/ms/mq (that event's
--- version) and d (the meta map, MessagePack bytes; absent after a leave).
+-- A session record is a binary string (struct.pack, big-endian; a u64 as two u32 halves, hi then
+-- lo, so that versions compare exactly, never as rounded Lua numbers):
+--   flags (u8): 1 live, 2 has a seq, 4 ended by expiry, 8 has a meta version, 16 the meta version
+--     has a seq, 32 the stream id sequence of the version needs 64 bits (else 32), 64 the same
+--     for the meta version
+--   the deciding event's version: seq (u64, only with flag 2), stream id ms (u64) and sequence
+--     (u32, or u64 with flag 32)
+--   a 32-bit hash of its event id (u32)
+--   with flag 8, the version of the event that wrote meta last, the same way (flags 16 and 64)
+--   to the end: the meta map (MessagePack bytes); nothing when none (never set, or cleared by a
+--     leave)
+-- 17 bytes for a session without seq nor meta. A record whose first byte is 0x80 or more is a
+-- MessagePack map written by an earlier version (l, m/s, q, i, x, mm/ms/mq, d): load_record()
+-- reads it as the same record in this layout.
 
 local history = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local opts = cmsgpack.unpack(ARGV[3])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Numbers passed to redis.call are formatted there with snprintf('%.17g') on every call: the
+-- ones used per session or per document are formatted once, as integers.
+local now_arg = string.format('%d', now)
+local prune_arg = string.format('%d', now - history)
+local history_arg = ARGV[1]
+local due_arg = string.format('%d', now + ttl)
 
--- The document's changes to the totals and global indexes, written by flush_globals().
+-- The changes to the totals and the global indexes, written once per call by flush_globals():
+-- to the live sessions and present users, and per document its new count in `top` (false:
+-- remove it) and its new due time (due_mode: 'nx' only if it has none, 'set', or 'del').
 local d_sessions, d_users = 0, 0
-local top_set, top_del, due_nx, due_set, due_del = {}, {}, {}, {}, {}
+local top_of, due_at, due_mode = {}, {}, {}
 
--- The document being changed (set by begin_doc).
+-- The document being changed (set by begin_doc), its count before, and now (SCARD of its users,
+-- followed through SADD and SREM).
 local K, doc, before, present = 0, '', 0, 0
 local ended_touched, went_live = false, false
 -- The event that changed membership last (set by the calling script), and why users leave.
--- (cause_ms/cause_seq: its stream id, formatted only when a snapshot request needs it.)
+-- cause_text: when set, the event id and entry id are read from it only if a snapshot request
+-- needs them: cause_id_len bytes at cause_at, then cause_entry_len bytes.
 local cause_event, cause_entry, left_reason = '', '', 'leave'
-local cause_ms, cause_seq = nil, nil
+local cause_text, cause_at, cause_id_len, cause_entry_len = nil, 0, 0, 0
 -- Whether the expiry due time must be exact (expire, repair) or may be early (apply).
 local exact_due = false
 
@@ -50,26 +70,101 @@ local function begin_doc(i, id)
   before = redis.call('SCARD', KEYS[K + 1])
   present = before
   ended_touched, went_live = false, false
-  cause_event, cause_entry, cause_ms, cause_seq = '', '', nil, nil
+  cause_event, cause_entry, cause_text = '', '', nil
 end
 
--- Decimal strings without leading zeros compare by length, then lexically: exact for any u64.
-local function gt(a, b)
-  local la, lb = #a, #b
-  if la ~= lb then return la > lb end
-  return a > b
+local TWO32 = 4294967296
+
+-- A u64 held exactly in a double (below 2^53), as its hi and lo halves.
+local function halves(x)
+  local lo = x % TWO32
+  return (x - lo) / TWO32, lo
+end
+
+-- A u64 written in decimal, as its hi and lo halves (exact for any u64).
+local function decimal_halves(q)
+  local hi, lo = 0, 0
+  for i = 1, #q do
+    lo = lo * 10 + string.byte(q, i) - 48
+    local carry = math.floor(lo / TWO32)
+    hi, lo = hi * 10 + carry, lo - carry * TWO32
+  end
+  return hi, lo
+end
+
+-- A version as a session record holds it (see above): seq only when q, the stream id sequence
+-- in 32 bits when its hi half is 0.
+local function pack_version(q, qh, ql, mh, ml, sh, sl)
+  if sh == 0 then
+    if q then return struct.pack('>I4I4I4I4I4', qh, ql, mh, ml, sl) end
+    return struct.pack('>I4I4I4', mh, ml, sl)
+  end
+  if q then return struct.pack('>I4I4I4I4I4I4', qh, ql, mh, ml, sh, sl) end
+  return struct.pack('>I4I4I4I4', mh, ml, sh, sl)
+end
+
+-- The version pack_version() wrote at `pos` of `s` (q: with a seq; wide: a 64-bit stream id
+-- sequence): its halves, then the position after it.
+local function unpack_version(s, pos, q, wide)
+  local qh, ql, mh, ml, sh, sl = 0, 0, 0, 0, 0, 0
+  if q then qh, ql, pos = struct.unpack('>I4I4', s, pos) end
+  if wide then
+    mh, ml, sh, sl, pos = struct.unpack('>I4I4I4I4', s, pos)
+  else
+    mh, ml, sl, pos = struct.unpack('>I4I4I4', s, pos)
+  end
+  return qh, ql, mh, ml, sh, sl, pos
+end
+
+-- A record of the earlier MessagePack layout, in the current one.
+local function upgrade(raw)
+  local r = cmsgpack.unpack(raw)
+  local qh, ql = 0, 0
+  if r.q then qh, ql = decimal_halves(r.q) end
+  local mh, ml = halves(r.m or 0)
+  local sh, sl = halves(r.s or 0)
+  local flags = (r.l == 1 and 1 or 0) + (r.q and 2 or 0) + (r.x == 1 and 4 or 0)
+    + (sh > 0 and 32 or 0)
+  local out = pack_version(r.q ~= nil, qh, ql, mh, ml, sh, sl) .. struct.pack('>I4', r.i or 0)
+  if r.mm then
+    local mqh, mql = 0, 0
+    if r.mq then mqh, mql = decimal_halves(r.mq) end
+    local mmh, mml = halves(r.mm)
+    local msh, msl = halves(r.ms or 0)
+    flags = flags + 8 + (r.mq and 16 or 0) + (msh > 0 and 64 or 0)
+    out = out .. pack_version(r.mq ~= nil, mqh, mql, mmh, mml, msh, msl) .. (r.d or '')
+  end
+  return string.char(flags) .. out
+end
+
+-- A stored session record (HGET's reply: false when there is none) in the current layout, and
+-- its flags (0 when there is none).
+local function load_record(raw)
+  if not raw then return false, 0 end
+  local flags = string.byte(raw) or 0
+  if flags >= 128 then
+    raw = upgrade(raw)
+    flags = string.byte(raw)
+  end
+  return raw, flags
 end
 
 -- Is version 1 newer than version 2? With a seq on both, the higher seq wins and, for equal seq,
 -- the earlier stream entry; otherwise the later stream entry wins. (Rust: coalesce::Version.)
-local function newer(q1, m1, s1, q2, m2, s2)
-  if q1 ~= '' and q2 ~= nil then
-    if q1 ~= q2 then return gt(q1, q2) end
-    if m1 ~= m2 then return m1 < m2 end
-    return s1 < s2
+-- Each version: whether it has a seq, then seq, stream id ms and stream id sequence as u64
+-- halves (hi, lo).
+local function newer(q1, qh1, ql1, mh1, ml1, sh1, sl1, q2, qh2, ql2, mh2, ml2, sh2, sl2)
+  local later = true
+  if q1 and q2 then
+    if qh1 ~= qh2 then return qh1 > qh2 end
+    if ql1 ~= ql2 then return ql1 > ql2 end
+    later = false
   end
-  if m1 ~= m2 then return m1 > m2 end
-  return s1 > s2
+  if mh1 ~= mh2 then return (mh1 > mh2) == later end
+  if ml1 ~= ml2 then return (ml1 > ml2) == later end
+  if sh1 ~= sh2 then return (sh1 > sh2) == later end
+  if sl1 ~= sl2 then return (sl1 > sl2) == later end
+  return false
 end
 
 -- Publishes one membership change on the document's sharded channel.
@@ -83,30 +178,30 @@ end
 -- A session became live, or was refreshed while live. `tombstone`: it had ended before.
 local function session_live(field, user, was_live, tombstone)
   if not was_live then
-    if redis.call('HINCRBY', KEYS[K + 4], user, 1) == 1 then
-      redis.call('SADD', KEYS[K + 1], user)
-      d_users, present = d_users + 1, present + 1
+    if redis.call('HINCRBY', KEYS[K + 4], user, '1') == 1 then
+      present = present + redis.call('SADD', KEYS[K + 1], user)
+      d_users = d_users + 1
       feed(user, 'joined')
     end
     if tombstone then redis.call('ZREM', KEYS[K + 5], field) end
     d_sessions, went_live = d_sessions + 1, true
   end
-  if ttl > 0 then redis.call('ZADD', KEYS[K + 6], now, field) end
+  if ttl > 0 then redis.call('ZADD', KEYS[K + 6], now_arg, field) end
 end
 
 -- A session ended (leave or expiry); its record stays as ordering history.
 local function session_ended(field, user, was_live)
   if was_live then
-    if redis.call('HINCRBY', KEYS[K + 4], user, -1) <= 0 then
+    if redis.call('HINCRBY', KEYS[K + 4], user, '-1') <= 0 then
       redis.call('HDEL', KEYS[K + 4], user)
-      redis.call('SREM', KEYS[K + 1], user)
-      d_users, present = d_users - 1, present - 1
+      present = present - redis.call('SREM', KEYS[K + 1], user)
+      d_users = d_users - 1
       feed(user, 'left')
     end
     d_sessions = d_sessions - 1
     if ttl > 0 then redis.call('ZREM', KEYS[K + 6], field) end
   end
-  redis.call('ZADD', KEYS[K + 5], now, field)
+  redis.call('ZADD', KEYS[K + 5], now_arg, field)
   ended_touched = true
 end
 
@@ -141,7 +236,11 @@ local function snapshot(after)
   local armed = table.concat(list, ',')
   if armed ~= (st[1] or '') then redis.call('HSET', KEYS[K + 7], 'disarmed', armed) end
   if not reason then return '' end
-  if cause_ms then cause_entry = string.format('%d-%d', cause_ms, cause_seq) end
+  if cause_text then
+    local e = cause_at + cause_id_len
+    cause_event = string.sub(cause_text, cause_at, e - 1)
+    cause_entry = string.sub(cause_text, e, e + cause_entry_len - 1)
+  end
   local users = redis.call('SMEMBERS', KEYS[K + 1])
   table.sort(users)
   while #users > opts.u do table.remove(users) end
@@ -160,40 +259,80 @@ local function snapshot(after)
   return reason
 end
 
--- Writes the document's changes to the totals and the global indexes. Done per document, not
--- once per call: if a later document of the same call fails (a key of the wrong type), the
--- documents already changed are complete, and the retry finds them stale.
+-- Writes the changes to the totals and the global indexes, once per call (with_globals).
 local function flush_globals()
-  if d_sessions ~= 0 then redis.call('HINCRBY', KEYS[2], 'live_sessions', d_sessions) end
-  if d_users ~= 0 then redis.call('HINCRBY', KEYS[2], 'present_users', d_users) end
-  if #top_del > 0 then redis.call('ZREM', KEYS[3], unpack(top_del)) end
-  if #top_set > 0 then redis.call('ZADD', KEYS[3], unpack(top_set)) end
-  if #due_del > 0 then redis.call('ZREM', KEYS[1], unpack(due_del)) end
-  if #due_set > 0 then redis.call('ZADD', KEYS[1], unpack(due_set)) end
-  if #due_nx > 0 then redis.call('ZADD', KEYS[1], 'NX', unpack(due_nx)) end
-  d_sessions, d_users = 0, 0
-  top_set, top_del, due_nx, due_set, due_del = {}, {}, {}, {}, {}
+  if d_sessions ~= 0 then
+    redis.call('HINCRBY', KEYS[2], 'live_sessions', string.format('%d', d_sessions))
+  end
+  if d_users ~= 0 then
+    redis.call('HINCRBY', KEYS[2], 'present_users', string.format('%d', d_users))
+  end
+  local add, del = {}, {}
+  for d, count in pairs(top_of) do
+    if count then
+      add[#add + 1], add[#add + 2] = count, d
+    else
+      del[#del + 1] = d
+    end
+  end
+  if #del > 0 then redis.call('ZREM', KEYS[3], unpack(del)) end
+  if #add > 0 then redis.call('ZADD', KEYS[3], unpack(add)) end
+  local set, nx = {}, {}
+  del = {}
+  for d, mode in pairs(due_mode) do
+    if mode == 'del' then
+      del[#del + 1] = d
+    elseif mode == 'nx' then
+      nx[#nx + 1], nx[#nx + 2] = due_at[d], d
+    else
+      set[#set + 1], set[#set + 2] = due_at[d], d
+    end
+  end
+  if #del > 0 then redis.call('ZREM', KEYS[1], unpack(del)) end
+  if #set > 0 then redis.call('ZADD', KEYS[1], unpack(set)) end
+  if #nx > 0 then redis.call('ZADD', KEYS[1], 'NX', unpack(nx)) end
+  d_sessions, d_users, top_of, due_at, due_mode = 0, 0, {}, {}, {}
+end
+
+-- Runs body() and then writes the totals and global indexes it changed, also when it fails (a
+-- key of the wrong type in a later document): Lua scripts do not roll back, so the documents
+-- already changed stay changed and their totals must count them (the retry finds them stale).
+local function with_globals(body)
+  local ok, err = pcall(body)
+  flush_globals()
+  if not ok then error(err, 0) end
+end
+
+-- The document's due time changes: `mode` 'nx' (set `at` only if it has none), 'set' or 'del'.
+-- Several changes of one document in one call combine as if written in order.
+local function due_change(mode, at)
+  local prev = due_mode[doc]
+  if mode == 'nx' then
+    if prev == 'nx' or prev == 'set' then return end
+    if prev == 'del' then mode = 'set' end
+  end
+  due_mode[doc], due_at[doc] = mode, at
 end
 
 -- After a document's changes: its count, the lifetime of its history, its expiry due time and
 -- its snapshot request. Returns the snapshot reason ('' for none).
 local function finish_doc()
-  local after = redis.call('SCARD', KEYS[K + 1])
+  local after = present
   if after == 0 then
     -- Nobody is here: only ordering history remains, and it goes once it is old enough.
     if before ~= 0 then
       redis.call('DEL', KEYS[K + 2])
-      top_del[#top_del + 1] = doc
+      top_of[doc] = false
     end
-    if ttl > 0 then due_del[#due_del + 1] = doc end
-    redis.call('PEXPIRE', KEYS[K + 3], history)
-    redis.call('PEXPIRE', KEYS[K + 5], history)
-    redis.call('PEXPIRE', KEYS[K + 7], history)
+    if ttl > 0 then due_change('del') end
+    redis.call('PEXPIRE', KEYS[K + 3], history_arg)
+    redis.call('PEXPIRE', KEYS[K + 5], history_arg)
+    redis.call('PEXPIRE', KEYS[K + 7], history_arg)
   else
     if after ~= before then
-      redis.call('SET', KEYS[K + 2], after)
-      top_set[#top_set + 1] = after
-      top_set[#top_set + 1] = doc
+      local count = string.format('%d', after)
+      redis.call('SET', KEYS[K + 2], count)
+      top_of[doc] = count
     end
     if before == 0 then
       redis.call('PERSIST', KEYS[K + 3])
@@ -203,7 +342,7 @@ local function finish_doc()
     if ended_touched or went_live then
       -- Prune the history of sessions that ended long ago, a few at a time, whenever sessions
       -- start or end here (not on every heartbeat).
-      local old = redis.call('ZRANGEBYSCORE', KEYS[K + 5], '-inf', now - history, 'LIMIT', 0, 64)
+      local old = redis.call('ZRANGEBYSCORE', KEYS[K + 5], '-inf', prune_arg, 'LIMIT', 0, 64)
       if #old > 0 then
         redis.call('HDEL', KEYS[K + 3], unpack(old))
         redis.call('ZREM', KEYS[K + 5], unpack(old))
@@ -213,20 +352,16 @@ local function finish_doc()
       if exact_due then
         local first = redis.call('ZRANGE', KEYS[K + 6], 0, 0, 'WITHSCORES')
         if first[2] then
-          due_set[#due_set + 1] = tonumber(first[2]) + ttl
-          due_set[#due_set + 1] = doc
+          due_change('set', tonumber(first[2]) + ttl)
         else
-          due_del[#due_del + 1] = doc
+          due_change('del')
         end
       elseif went_live then
         -- A new live session is due at now + ttl at the earliest: an existing (earlier) due
         -- time stays. The index may be early, never late: expiry sets the exact time.
-        due_nx[#due_nx + 1] = now + ttl
-        due_nx[#due_nx + 1] = doc
+        due_change('nx', due_arg)
       end
     end
   end
-  local reason = snapshot(after)
-  flush_globals()
-  return reason
+  return snapshot(after)
 end

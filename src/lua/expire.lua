@@ -13,19 +13,20 @@ exact_due = true
 local cutoff = now - ttl
 local max = tonumber(ARGV[5])
 local results = {}
-for di = 0, tonumber(ARGV[4]) - 1 do
+local function expire_doc(di)
   begin_doc(di, ARGV[6 + di])
   left_reason, cause_event, cause_entry = 'expired', 'expiry', ''
   local due = redis.call('ZRANGEBYSCORE', KEYS[K + 6], '-inf', cutoff, 'LIMIT', 0, max)
   local expired = 0
   for _, field in ipairs(due) do
-    local raw = redis.call('HGET', KEYS[K + 3], field)
-    local r = raw and cmsgpack.unpack(raw) or nil
-    if r ~= nil and r.l == 1 then
+    local raw, flags = load_record(redis.call('HGET', KEYS[K + 3], field))
+    if flags % 2 == 1 then
       local user = string.sub(field, 1, string.find(field, '\31', 1, true) - 1)
-      r.l, r.x = 0, 1
       session_ended(field, user, true)
-      redis.call('HSET', KEYS[K + 3], field, cmsgpack.pack(r))
+      -- Ended (flag 1 off) by expiry (flag 4 on).
+      flags = flags - 1
+      if flags % 8 < 4 then flags = flags + 4 end
+      redis.call('HSET', KEYS[K + 3], field, string.char(flags) .. string.sub(raw, 2))
       expired = expired + 1
     else
       redis.call('ZREM', KEYS[K + 6], field)
@@ -33,4 +34,7 @@ for di = 0, tonumber(ARGV[4]) - 1 do
   end
   results[di + 1] = {expired, finish_doc()}
 end
+with_globals(function()
+  for di = 0, tonumber(ARGV[4]) - 1 do expire_doc(di) end
+end)
 return results

@@ -20,8 +20,8 @@ local want_alive = {}     -- field -> true for live sessions
 local nlive = 0
 for i = 1, #records, 2 do
   local field = records[i]
-  local r = cmsgpack.unpack(records[i + 1])
-  if r.l == 1 then
+  local _, flags = load_record(records[i + 1])
+  if flags % 2 == 1 then
     local user = string.sub(field, 1, string.find(field, '\31', 1, true) - 1)
     want_live[user] = (want_live[user] or 0) + 1
     want_alive[field] = true
@@ -87,7 +87,8 @@ if fix and #problems > 0 then
     redis.call('PERSIST', KEYS[K + 3])
     redis.call('PERSIST', KEYS[K + 5])
   end
+  present = redis.call('SCARD', KEYS[K + 1])
   before = -1 -- make finish_doc() rewrite the count and the indexes
-  finish_doc()
+  with_globals(finish_doc)
 end
 return problems
