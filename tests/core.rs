@@ -854,3 +854,45 @@ async fn a_document_twice_in_one_call_ends_as_if_applied_in_order() {
     assert!(state(&mut con, "in").await.users.is_empty());
     assert_eq!(state(&mut con, "out").await.users, ["a"]);
 }
+
+/// A document Redis refuses fails the whole call with Redis's own error code (the worker tells
+/// permanent errors from transient ones by it), and the documents before it keep their totals.
+#[tokio::test]
+async fn a_refused_document_fails_the_call_with_its_error_code() {
+    use presence_worker::apply::Applier;
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let _: () = redis::cmd("SET")
+        .arg("sessions:doc:{bad}:users")
+        .arg("x")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
+    let batch = [
+        (StreamId::new(1, 0), ev(EventType::Join, "good", "a", None)),
+        (StreamId::new(2, 0), ev(EventType::Join, "bad", "a", None)),
+    ];
+    let err = applier
+        .apply(&mut con, &coalesce(&batch))
+        .await
+        .expect_err("the bad document is refused");
+    // Not turned into a generic ERR (a ResponseError) on its way out of the script.
+    let msg = err.to_string();
+    assert!(
+        msg.contains("WRONGTYPE") && !msg.contains("ResponseError"),
+        "{msg}"
+    );
+    assert!(!err.is_transient());
+    let live: i64 = redis::cmd("HGET")
+        .arg("sessions:stats")
+        .arg("live_sessions")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(live, 1);
+    assert_eq!(state(&mut con, "good").await.users, ["a"]);
+}

@@ -297,8 +297,12 @@ end
 -- Runs body() and then writes the totals and global indexes it changed, also when it fails (a
 -- key of the wrong type in a later document): Lua scripts do not roll back, so the documents
 -- already changed stay changed and their totals must count them (the retry finds them stale).
+-- (xpcall with a handler that keeps the error as it is: Redis's pcall would turn the error of a
+-- redis.call into a plain string, and the reply would lose its code, WRONGTYPE becoming ERR.)
+local function keep_error(e) return e end
+
 local function with_globals(body)
-  local ok, err = pcall(body)
+  local ok, err = xpcall(body, keep_error)
   flush_globals()
   if not ok then error(err, 0) end
 end
