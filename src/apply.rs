@@ -330,7 +330,7 @@ pub fn id_hash(id: &str) -> u32 {
 
 /// A document's sessions as `apply.lua` reads them: one string, one session after the other (the
 /// layout is documented in its header; every number big-endian, a u64 as its two u32 halves).
-pub(crate) fn pack_sessions(sessions: &[SessionUpdate]) -> Vec<u8> {
+fn pack_sessions(sessions: &[SessionUpdate]) -> Vec<u8> {
     let mut b = Vec::with_capacity(sessions.len() * 128);
     for s in sessions {
         let entry = s.version.sid.to_string();
