@@ -704,12 +704,7 @@ async fn records_of_the_earlier_messagepack_layout_still_apply() {
         e.id = id.to_owned();
         e
     };
-    async fn apply_one(
-        applier: &Applier,
-        con: &mut Conn,
-        ms: u64,
-        e: Event,
-    ) -> Outcome {
+    async fn apply_one(applier: &Applier, con: &mut Conn, ms: u64, e: Event) -> Outcome {
         let docs = coalesce(&[(StreamId::new(ms, 0), e)]);
         applier.apply(con, &docs).await.unwrap()[0].outcomes[0]
     }
