@@ -14,7 +14,7 @@
 //! `presence-worker run --stream-shards`, and reports Redis CPU and memory summed over every
 //! node, with the per-node split of Redis CPU. The baseline is skipped in cluster mode.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -340,23 +340,12 @@ async fn fill(
     let mut written = BTreeSet::new();
     let mut done = 0;
     while done < n {
-        let mut pipes: BTreeMap<String, redis::Pipeline> = BTreeMap::new();
         let chunk = (n - done).min(2000);
-        for _ in 0..chunk {
-            let e = gen.next();
-            model.apply(&e);
-            let s = crate::shard::stream_for(stream, shards, &e.doc);
-            pipes
-                .entry(s.clone())
-                .or_insert_with(redis::pipe)
-                .cmd("XADD")
-                .arg(s)
-                .arg("*")
-                .arg("e")
-                .arg(e.encode()?)
-                .ignore();
+        let events: Vec<Event> = (0..chunk).map(|_| gen.next()).collect();
+        for e in &events {
+            model.apply(e);
         }
-        for (s, pipe) in pipes {
+        for (s, _, pipe) in crate::shard::xadd_by_stream(stream, shards, &events)? {
             pipe.query_async::<()>(con).await?;
             written.insert(s);
         }
@@ -484,30 +473,14 @@ async fn latency(
     while Instant::now() < end {
         next += tick;
         tokio::time::sleep_until(next).await;
-        // One pipeline per stream (a cluster pipeline stays within one slot).
-        let mut pipes: BTreeMap<String, redis::Pipeline> = BTreeMap::new();
-        let mut xadd = |e: &Event| -> Result<()> {
-            let s = crate::shard::stream_for("sessions:events", shards, &e.doc);
-            pipes
-                .entry(s.clone())
-                .or_insert_with(redis::pipe)
-                .cmd("XADD")
-                .arg(s)
-                .arg("*")
-                .arg("e")
-                .arg(e.encode()?)
-                .ignore();
-            Ok(())
-        };
-        for _ in 0..per_tick - 1 {
-            xadd(&gen.next())?;
-        }
         // One probe per tick: a join of a fresh user in its own document, timed until present.
         probe += 1;
         let doc = format!("probe-{probe}");
-        xadd(&Event::new(EventType::Join, doc.clone(), "probe"))?;
+        let mut events: Vec<Event> = (1..per_tick).map(|_| gen.next()).collect();
+        events.push(Event::new(EventType::Join, doc.clone(), "probe"));
+        let pipes = crate::shard::xadd_by_stream("sessions:events", shards, &events)?;
         let sent = Instant::now();
-        for pipe in pipes.values() {
+        for (_, _, pipe) in &pipes {
             pipe.query_async::<()>(con).await?;
         }
         let key = Keys::new("sessions").doc(&doc).count;

@@ -123,27 +123,10 @@ impl Producer {
     /// Appends many events in one round trip per stream (one in all unless sharded); returns
     /// their entry ids in order.
     pub async fn publish_many(&mut self, events: &[Event]) -> Result<Vec<StreamId>> {
-        // Events by stream, in order, with their places (a pipeline stays within one stream, so
-        // within one hash slot on a cluster).
-        let mut by_stream: Vec<(String, Vec<usize>, redis::Pipeline)> = Vec::new();
-        for (i, ev) in events.iter().enumerate() {
+        for ev in events {
             ev.validate(&self.limits)?;
-            let stream = self.stream_for(&ev.doc);
-            let at = match by_stream.iter().position(|(s, _, _)| *s == stream) {
-                Some(at) => at,
-                None => {
-                    by_stream.push((stream.clone(), Vec::new(), redis::pipe()));
-                    by_stream.len() - 1
-                }
-            };
-            let (_, places, pipe) = &mut by_stream[at];
-            places.push(i);
-            pipe.cmd("XADD")
-                .arg(stream)
-                .arg("*")
-                .arg("e")
-                .arg(ev.encode()?);
         }
+        let by_stream = crate::shard::xadd_by_stream(&self.stream, self.shards, events)?;
         let mut ids = vec![StreamId::default(); events.len()];
         for (_, places, pipe) in &by_stream {
             let got: Vec<String> = self

@@ -40,6 +40,34 @@ pub fn stream_for(stream: &str, shards: u32, doc: &str) -> String {
     }
 }
 
+/// The `XADD <stream> * e <payload>` of each event, one pipeline per stream (so within one hash
+/// slot on a cluster), with the events' places in `events`: what producers send.
+pub fn xadd_by_stream<'e>(
+    stream: &str,
+    shards: u32,
+    events: impl IntoIterator<Item = &'e crate::Event>,
+) -> crate::Result<Vec<(String, Vec<usize>, redis::Pipeline)>> {
+    let mut by_stream: Vec<(String, Vec<usize>, redis::Pipeline)> = Vec::new();
+    for (i, ev) in events.into_iter().enumerate() {
+        let target = stream_for(stream, shards, &ev.doc);
+        let at = match by_stream.iter().position(|(s, _, _)| *s == target) {
+            Some(at) => at,
+            None => {
+                by_stream.push((target.clone(), Vec::new(), redis::pipe()));
+                by_stream.len() - 1
+            }
+        };
+        let (_, places, pipe) = &mut by_stream[at];
+        places.push(i);
+        pipe.cmd("XADD")
+            .arg(target)
+            .arg("*")
+            .arg("e")
+            .arg(ev.encode()?);
+    }
+    Ok(by_stream)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
