@@ -476,17 +476,22 @@ async fn a_restarted_replica_first_replays_its_own_pending_entries() {
     w.stop().await;
 }
 
+/// Someone else wrote a key of the wrong type under our layout: `doc`'s users key is a string.
+async fn wrong_type_users_key(con: &mut Conn, doc: &str) {
+    let _: () = redis::cmd("SET")
+        .arg(Keys::new("sessions").doc(doc).users)
+        .arg("x")
+        .query_async(con)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_document_redis_refuses_is_dead_lettered_and_others_still_apply() {
     let server = RedisServer::start();
     let mut con = server.con().await;
     // Someone else wrote a key of the wrong type under our layout.
-    let _: () = redis::cmd("SET")
-        .arg("sessions:doc:{broken}:users")
-        .arg("x")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    wrong_type_users_key(&mut con, "broken").await;
     publish(
         &server,
         &[
@@ -597,12 +602,7 @@ async fn a_refused_document_in_a_multi_document_call_leaves_the_others_complete(
     let server = RedisServer::start();
     let mut con = server.con().await;
     // "m-broken" sorts after the others within one script call; its users key has the wrong type.
-    let _: () = redis::cmd("SET")
-        .arg("sessions:doc:{m-broken}:users")
-        .arg("x")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    wrong_type_users_key(&mut con, "m-broken").await;
     let mut events: Vec<Event> = (0..5)
         .map(|d| ev(EventType::Join, &format!("m{d}"), "u", None))
         .collect();
@@ -860,12 +860,7 @@ async fn a_refused_document_fails_the_call_with_its_error_code() {
 
     let server = RedisServer::start();
     let mut con = server.con().await;
-    let _: () = redis::cmd("SET")
-        .arg("sessions:doc:{bad}:users")
-        .arg("x")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    wrong_type_users_key(&mut con, "bad").await;
     let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
     let batch = [
         (StreamId::new(1, 0), ev(EventType::Join, "good", "a", None)),
