@@ -504,26 +504,14 @@ async fn slot_owners(
     Ok(out)
 }
 
-/// The primaries of a cluster (host, port), from `CLUSTER SLOTS`.
+/// The primaries of a cluster (host, port), each once.
 async fn primaries(
     con: &mut redis::cluster_async::ClusterConnection,
 ) -> Result<Vec<(String, u16)>> {
-    let ranges: Vec<Vec<redis::Value>> =
-        redis::cmd("CLUSTER").arg("SLOTS").query_async(con).await?;
     let mut out: Vec<(String, u16)> = Vec::new();
-    for range in ranges {
-        let Some(primary) = range.get(2) else {
-            continue;
-        };
-        let (host, port): (String, u16) = match primary {
-            redis::Value::Array(node) if node.len() >= 2 => (
-                redis::from_redis_value(node[0].clone()).map_err(redis::RedisError::from)?,
-                redis::from_redis_value(node[1].clone()).map_err(redis::RedisError::from)?,
-            ),
-            _ => continue,
-        };
-        if !out.contains(&(host.clone(), port)) {
-            out.push((host, port));
+    for (_, _, node) in slot_owners(con).await? {
+        if !out.contains(&node) {
+            out.push(node);
         }
     }
     Ok(out)
