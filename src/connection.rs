@@ -684,6 +684,35 @@ mod tests {
     }
 
     #[test]
+    fn cluster_urls_give_one_seed_url_per_node_with_the_same_credentials() {
+        assert_eq!(
+            seed_urls("redis+cluster://u:p@h1:7000,h2:7001/").unwrap(),
+            ["redis://u:p@h1:7000", "redis://u:p@h2:7001"]
+        );
+        assert_eq!(
+            seed_urls("rediss+cluster://h:6380").unwrap(),
+            ["rediss://h:6380"]
+        );
+        let err = seed_urls("redis+cluster://u:s3cret@")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("at least one seed") && !err.contains("s3cret"),
+            "{err}"
+        );
+        assert!(is_cluster_url("redis+cluster://h:1") && !is_cluster_url("redis://h:1"));
+        let client = open(
+            "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+            &Default::default(),
+        )
+        .expect("a cluster client is built without connecting");
+        assert_eq!(
+            format!("{client:?}"),
+            "Client(cluster redis://127.0.0.1:7000,redis://127.0.0.1:7001)"
+        );
+    }
+
+    #[test]
     fn the_password_file_loses_one_trailing_newline_only() {
         for (text, want) in [
             ("pw\n", "pw"),
