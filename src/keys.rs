@@ -150,7 +150,8 @@ impl Keys {
 
     /// The hash slot of every key of document `doc`.
     pub fn doc_slot(&self, doc: &str) -> u16 {
-        key_slot(self.doc(doc).users.as_bytes())
+        // The users key alone (the same slot as every key of the document), not all of them.
+        key_slot(format!("{}:doc:{{{}}}:users", self.prefix, doc).as_bytes())
     }
 
     /// The global keys of hash slot `slot` (cluster layout):
