@@ -14,7 +14,7 @@
 //! `presence-worker run --stream-shards`, and reports Redis CPU and memory summed over every
 //! node, with the per-node split of Redis CPU. The baseline is skipped in cluster mode.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -217,6 +217,7 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
     };
 
     let mem0 = nodes.used_memory().await?;
+    nodes.reset_stats().await?;
     let cpu0 = nodes.cpu().await?;
     let (secs, worker_cpu, rss) =
         drain_with_worker(&url, &mut con, args.batch, shards, &streams).await?;
@@ -228,6 +229,7 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
         .map(|(a, b)| a - b)
         .collect();
     let redis_cpu_s: f64 = cpu_by_node.iter().sum();
+    let by_command = nodes.command_usec().await?;
     let rate = args.events as f64 / secs;
     println!("\nworker (presence-worker run, batch {}):", args.batch);
     println!(
@@ -270,6 +272,17 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
             "  Redis CPU        {:>10.2} us per event (single-core limit: {:.0} events/s)",
             redis_cpu_s / args.events as f64 * 1e6,
             args.events as f64 / redis_cpu_s
+        );
+    }
+    println!(
+        "  Redis time per command (the commands scripts call are counted both on their own and \
+         inside evalsha):"
+    );
+    for (name, usec, calls) in by_command.iter().take(20) {
+        println!(
+            "    {name:<14} {:>6.2} us per event  ({calls} calls, {:.1} us per call)",
+            usec / args.events as f64,
+            usec / *calls as f64
         );
     }
     let (diffs, live) = model.compare(&mut con, &Keys::new("sessions")).await?;
@@ -591,6 +604,49 @@ impl Nodes {
         for (_, con) in &mut self.0 {
             out.push(redis_cpu(con).await?);
         }
+        Ok(out)
+    }
+
+    /// Resets every node's `INFO commandstats`.
+    async fn reset_stats(&mut self) -> Result<()> {
+        for (_, con) in &mut self.0 {
+            let _: () = redis::cmd("CONFIG")
+                .arg("RESETSTAT")
+                .query_async(con)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Microseconds spent inside each command and its number of calls, summed over every node,
+    /// the most expensive first (from `INFO commandstats`).
+    async fn command_usec(&mut self) -> Result<Vec<(String, f64, u64)>> {
+        let mut total: BTreeMap<String, (f64, u64)> = BTreeMap::new();
+        for (_, con) in &mut self.0 {
+            let info: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(con)
+                .await?;
+            for line in info.lines() {
+                let Some((name, rest)) = line
+                    .strip_prefix("cmdstat_")
+                    .and_then(|l| l.split_once(':'))
+                else {
+                    continue;
+                };
+                let field = |key: &str| {
+                    rest.split(',')
+                        .find_map(|kv| kv.strip_prefix(key))
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .unwrap_or(0.0)
+                };
+                let e = total.entry(name.to_owned()).or_default();
+                e.0 += field("usec=");
+                e.1 += field("calls=") as u64;
+            }
+        }
+        let mut out: Vec<_> = total.into_iter().map(|(n, (u, c))| (n, u, c)).collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1));
         Ok(out)
     }
 
