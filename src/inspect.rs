@@ -27,8 +27,7 @@ pub struct SessionInfo {
     pub event_id_hash: u32,
     /// Whether the session ended by expiry.
     pub expired: bool,
-    /// Redis server time (ms) of the last refresh (live sessions, when expiry is on) or of the
-    /// end (ended sessions).
+    /// Redis server time (ms) of the last refresh (live sessions) or of the end (ended sessions).
     pub last_change_ms: Option<i64>,
     /// The session's meta.
     pub meta: Option<Meta>,
@@ -76,8 +75,11 @@ pub async fn inspect(con: &mut Conn, keys: &Keys, doc: &str) -> Result<DocState>
         .into_iter()
         .filter_map(|(field, rec)| {
             let mut info = parse_record(&field, &rec)?;
-            let times = if info.live { &alive } else { &ended };
-            info.last_change_ms = times.get(&field).copied();
+            if info.last_change_ms.is_none() {
+                // A record of an earlier layout: its time is its score in the index.
+                let times = if info.live { &alive } else { &ended };
+                info.last_change_ms = times.get(&field).copied();
+            }
             Some(info)
         })
         .collect();
@@ -89,8 +91,11 @@ pub async fn inspect(con: &mut Conn, keys: &Keys, doc: &str) -> Result<DocState>
     })
 }
 
-/// Parses one session record (see `lua/common.lua` for its layout), current or of the earlier
-/// MessagePack layout.
+/// The first byte of a session record of the current layout (a byte MessagePack never uses).
+const RECORD_MARKER: u8 = 0xC1;
+
+/// Parses one session record (see `lua/common.lua` for its layout), current or of one of the two
+/// earlier layouts (without the marker and time; a MessagePack map).
 fn parse_record(field: &str, rec: &[u8]) -> Option<SessionInfo> {
     let (user, session) = field.split_once(SESSION_SEP)?;
     let mut info = SessionInfo {
@@ -104,7 +109,16 @@ fn parse_record(field: &str, rec: &[u8]) -> Option<SessionInfo> {
         last_change_ms: None,
         meta: None,
     };
-    let (&flags, mut rest) = rec.split_first()?;
+    let (&first, mut rest) = rec.split_first()?;
+    let flags = if first == RECORD_MARKER {
+        let [flags, t @ ..] = take::<7>(&mut rest)?;
+        let mut ms = [0u8; 8];
+        ms[2..].copy_from_slice(&t);
+        info.last_change_ms = i64::try_from(u64::from_be_bytes(ms)).ok();
+        flags
+    } else {
+        first
+    };
     if flags >= 0x80 {
         parse_legacy_record(rec, &mut info)?;
         return Some(info);

@@ -560,23 +560,25 @@ async fn ended_sessions_are_pruned_from_a_busy_document() {
     publish(&server, &events).await;
     wait_drained(&mut con, STREAM, GROUP).await;
     assert_eq!(state(&mut con, "d").await.sessions.len(), 21);
-    tokio::time::sleep(Duration::from_millis(1200)).await;
-    // Pruning runs when sessions start or end in the document (not on every heartbeat).
-    publish(&server, &[ev(EventType::Join, "d", "newcomer", None)]).await;
-    wait_drained(&mut con, STREAM, GROUP).await;
-    let s = state(&mut con, "d").await;
-    assert_eq!(
-        s.sessions.len(),
-        2,
-        "history of ended sessions pruned: {:?}",
-        s.sessions
-    );
-    let ended: i64 = redis::cmd("ZCARD")
-        .arg("sessions:doc:{d}:ended")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!(ended, 0);
+    // The worker visits the document once the ended sessions are older than the history (plus an
+    // eighth) and prunes them; the live one stays.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = state(&mut con, "d").await;
+        if s.sessions.len() == 1 {
+            assert_eq!(
+                (s.sessions[0].user.as_str(), s.sessions[0].live),
+                ("stays", true)
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "history of ended sessions never pruned: {:?}",
+            s.sessions
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     w.stop().await;
 }
 
@@ -664,6 +666,7 @@ async fn records_of_the_earlier_messagepack_layout_still_apply() {
         redis.call('ZADD', d .. 'alive', t[1] * 1000, ARGV[1], 0, ARGV[2])
         redis.call('HSET', 'sessions:stats', 'live_sessions', 2, 'present_users', 2)
         redis.call('ZADD', 'sessions:top', 2, 'old')
+        redis.call('ZADD', 'sessions:expiry', 0, 'old')
         "#,
     )
     .arg("alice\x1ftab")
@@ -735,7 +738,7 @@ async fn records_of_the_earlier_messagepack_layout_still_apply() {
         .query_async(&mut con)
         .await
         .unwrap();
-    assert!(raw[0] < 0x80, "rewritten in the current layout: {raw:?}");
+    assert_eq!(raw[0], 0xC1, "rewritten in the current layout: {raw:?}");
     let s = state(&mut con, "old").await;
     let alice = &s.sessions[0];
     assert_eq!(
@@ -768,40 +771,53 @@ async fn records_of_the_earlier_messagepack_layout_still_apply() {
     assert_eq!(bob.entry_id, "2000-0");
 }
 
-/// A session that ended is in the `:ended` history (so it is pruned once old); when it comes back
-/// it leaves that history, so pruning never drops the record of a live session.
+/// A visit prunes the sessions that ended more than the history ago, never a live one (also
+/// one that ended long ago and came back), and sets the document's next due time.
 #[tokio::test]
-async fn a_session_back_after_leaving_leaves_the_ended_history() {
+async fn a_visit_prunes_old_ended_sessions_but_never_a_live_one() {
     use presence_worker::apply::Applier;
     use presence_worker::coalesce::coalesce;
     use presence_worker::StreamId;
 
     let server = RedisServer::start();
     let mut con = server.con().await;
-    let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
-    let ended = |con: &mut Conn| {
-        let mut con = con.clone();
-        async move {
-            let ended: Vec<String> = redis::cmd("ZRANGE")
-                .arg("sessions:doc:{d}:ended")
-                .arg(0)
-                .arg(-1)
-                .query_async(&mut con)
-                .await
-                .unwrap();
-            ended
-        }
-    };
-    for (ms, kind, want) in [
-        (1, EventType::Join, vec![]),
-        (2, EventType::Leave, vec!["a\x1fa"]),
-        (3, EventType::Join, vec![]),
+    // History 200 ms, no expiry.
+    let applier = Applier::new(Keys::new("sessions"), 200, 0);
+    for (ms, kind, user) in [
+        (1, EventType::Join, "stays"),
+        (2, EventType::Join, "back"),
+        (3, EventType::Leave, "back"),
+        (4, EventType::Join, "gone"),
+        (5, EventType::Leave, "gone"),
     ] {
-        let batch = [(StreamId::new(ms, 0), ev(kind, "d", "a", None))];
+        let batch = [(StreamId::new(ms, 0), ev(kind, "d", user, None))];
         applier.apply(&mut con, &coalesce(&batch)).await.unwrap();
-        assert_eq!(ended(&mut con).await, want, "after {kind:?}");
     }
-    assert_eq!(state(&mut con, "d").await.users, ["a"]);
+    let due: Option<f64> = redis::cmd("ZSCORE")
+        .arg("sessions:expiry")
+        .arg("d")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(due.is_some(), "due for pruning once the history is old");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let batch = [(StreamId::new(6, 0), ev(EventType::Join, "d", "back", None))];
+    applier.apply(&mut con, &coalesce(&batch)).await.unwrap();
+    applier.expire(&mut con, &["d".to_owned()]).await.unwrap();
+    let s = state(&mut con, "d").await;
+    let kept: Vec<(&str, bool)> = s
+        .sessions
+        .iter()
+        .map(|x| (x.user.as_str(), x.live))
+        .collect();
+    assert_eq!(kept, [("back", true), ("stays", true)]);
+    let due: Option<f64> = redis::cmd("ZSCORE")
+        .arg("sessions:expiry")
+        .arg("d")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(due, None, "nothing left to expire or prune");
 }
 
 /// One call may carry the same document twice (the API allows it): its totals and index entries
@@ -885,4 +901,74 @@ async fn a_refused_document_fails_the_call_with_its_error_code() {
         .unwrap();
     assert_eq!(live, 1);
     assert_eq!(state(&mut con, "good").await.users, ["a"]);
+}
+
+/// Records of the binary layout without a time (the previous version's) still apply: their time
+/// is their score in `:alive`, so a silent one expires and a refreshed one is rewritten with its
+/// time in the current layout and stays.
+#[tokio::test]
+async fn records_without_a_time_expire_by_their_index_score() {
+    use presence_worker::apply::{id_hash, Applier};
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    // flags 1 (live), stream id 3000-0, event id hash: the layout the previous version wrote.
+    let v2 = |ms: u64, id: &str| {
+        let mut r = vec![1u8];
+        r.extend_from_slice(&ms.to_be_bytes());
+        r.extend_from_slice(&0u32.to_be_bytes());
+        r.extend_from_slice(&id_hash(id).to_be_bytes());
+        r
+    };
+    let now: (u64, u64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
+    let now_ms = now.0 * 1000 + now.1 / 1000;
+    let _: () = redis::pipe()
+        .hset("sessions:doc:{v2}:sessions", "silent\x1fs", v2(3000, "a"))
+        .hset("sessions:doc:{v2}:sessions", "busy\x1fb", v2(3001, "b"))
+        .sadd("sessions:doc:{v2}:users", &["silent", "busy"])
+        .set("sessions:doc:{v2}:count", 2)
+        .hset("sessions:doc:{v2}:live", "silent", 1)
+        .hset("sessions:doc:{v2}:live", "busy", 1)
+        .zadd("sessions:doc:{v2}:alive", "silent\x1fs", 1000)
+        .zadd("sessions:doc:{v2}:alive", "busy\x1fb", now_ms)
+        .hset("sessions:stats", "live_sessions", 2)
+        .hset("sessions:stats", "present_users", 2)
+        .zadd("sessions:top", "v2", 2)
+        .zadd("sessions:expiry", "v2", 0)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let s = state(&mut con, "v2").await;
+    assert_eq!(s.users, ["busy", "silent"]);
+    assert_eq!(s.sessions[0].last_change_ms, Some(now_ms as i64), "{s:?}");
+
+    let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
+    let mut hb = ev(EventType::Heartbeat, "v2", "busy", Some("b"));
+    hb.id = "c".into();
+    let docs = coalesce(&[(StreamId::new(now_ms, 0), hb)]);
+    applier.apply(&mut con, &docs).await.unwrap();
+    let raw: Vec<u8> = redis::cmd("HGET")
+        .arg("sessions:doc:{v2}:sessions")
+        .arg("busy\x1fb")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(raw[0], 0xC1, "rewritten in the current layout: {raw:?}");
+
+    let (expired, _) = applier.expire(&mut con, &["v2".to_owned()]).await.unwrap();
+    assert_eq!(expired, 1);
+    let old_index: i64 = redis::cmd("EXISTS")
+        .arg("sessions:doc:{v2}:alive")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(old_index, 0, "the visit moved the times into the records");
+    let s = state(&mut con, "v2").await;
+    assert_eq!(s.users, ["busy"]);
+    assert_eq!(s.count, Some(1));
+    let silent = &s.sessions[1];
+    assert_eq!((silent.live, silent.expired), (false, true));
+    assert!(s.sessions[0].last_change_ms >= Some(now_ms as i64));
 }

@@ -218,7 +218,7 @@ async fn status_top_and_repair() {
         .sadd("sessions:doc:{big}:users", "ghost")
         .set("sessions:doc:{big}:count", 42)
         .hset("sessions:doc:{big}:live", "u1", 7)
-        .zrem("sessions:doc:{big}:alive", "u2\u{1f}u2")
+        .zrem("sessions:expiry", "big")
         .query_async(&mut con)
         .await
         .unwrap();
@@ -229,7 +229,7 @@ async fn status_top_and_repair() {
         "big: user u0 has 1 live session(s) but is not in the users set",
         "big: count is 42 but the users set has 5",
         "big: live count of u1 is 7, the sessions say 1",
-        "missing from the expiry index",
+        "big: the document has live sessions but no due time in the expiry index",
         "1 of 4 documents inconsistent",
     ] {
         assert!(

@@ -21,11 +21,12 @@
 local SESSION = '>BI4I4I4I4I4I4I4I4I4BI4c0'
 local META_WRITE = '>I4I4I4I4I4I4'
 local BYTES = '>I4c0'
--- A session record's version and event id hash, after its flags (see common.lua): without seq or
+-- A session record's version and event id hash, after its head (see common.lua): without seq or
 -- with, with a 32-bit stream id sequence or a 64-bit one.
 local V, VQ, VW, VQW = '>I4I4I4I4', '>I4I4I4I4I4I4', '>I4I4I4I4I4', '>I4I4I4I4I4I4I4'
--- The same with the flags first.
-local R, RQ, RW, RQW = '>BI4I4I4I4', '>BI4I4I4I4I4I4', '>BI4I4I4I4I4', '>BI4I4I4I4I4I4I4'
+-- The same with the head first (marker, flags, time).
+local R, RQ, RW, RQW = '>BBI2I4I4I4I4I4', '>BBI2I4I4I4I4I4I4I4', '>BBI2I4I4I4I4I4I4',
+  '>BBI2I4I4I4I4I4I4I4I4'
 
 local OUTCOME = {[0] = '0', [1] = '1', [2] = '2'}
 
@@ -41,21 +42,21 @@ local function apply_doc(di)
   for k = 1, n do
     local lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field
     lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field, p = struct.unpack(SESSION, packed, p)
-    local raw, rf = load_record(redis.call('HGET', KEYS[K + 3], field))
+    local raw, rf, vp, rt = load_record(redis.call('HGET', KEYS[K + 3], field))
     -- The stored version (rq: it has a seq), its event id hash, and where the rest begins.
     local rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = false, 0, 0, 0, 0, 0, 0, nil, 1
     if raw then
       rq = rf % 4 >= 2
       if rf % 64 < 32 then
         if rq then
-          rqh, rql, rmh, rml, rsl, rih, rp = struct.unpack(VQ, raw, 2)
+          rqh, rql, rmh, rml, rsl, rih, rp = struct.unpack(VQ, raw, vp)
         else
-          rmh, rml, rsl, rih, rp = struct.unpack(V, raw, 2)
+          rmh, rml, rsl, rih, rp = struct.unpack(V, raw, vp)
         end
       elseif rq then
-        rqh, rql, rmh, rml, rsh, rsl, rih, rp = struct.unpack(VQW, raw, 2)
+        rqh, rql, rmh, rml, rsh, rsl, rih, rp = struct.unpack(VQW, raw, vp)
       else
-        rmh, rml, rsh, rsl, rih, rp = struct.unpack(VW, raw, 2)
+        rmh, rml, rsh, rsl, rih, rp = struct.unpack(VW, raw, vp)
       end
     end
     local was_live = rf % 2 == 1
@@ -93,25 +94,31 @@ local function apply_doc(di)
     out[k] = OUTCOME[outcome]
     if dirty then
       cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
+      -- The record's time: now when the session is refreshed or ends; else (a stale event that
+      -- only brought newer meta, which does not refresh the session) the time it had.
+      local th, tl = now_hi, now_lo
       if rf % 2 == 1 then
-        -- A stale event that only brought newer meta does not refresh the session.
         if outcome ~= 1 then
           session_live(field, not was_live and string.sub(field, 1, ulen), was_live, raw ~= false)
+        else
+          th, tl = split_time(rt or indexed_time(field, true))
         end
       elseif was_live or outcome == 0 then
         session_ended(field, was_live and string.sub(field, 1, ulen), was_live)
+      else
+        th, tl = split_time(rt or indexed_time(field, false))
       end
       local head
       if rf % 64 < 32 then
         if rf % 4 >= 2 then
-          head = struct.pack(RQ, rf, rqh, rql, rmh, rml, rsl, rih)
+          head = struct.pack(RQ, MARKER, rf, th, tl, rqh, rql, rmh, rml, rsl, rih)
         else
-          head = struct.pack(R, rf, rmh, rml, rsl, rih)
+          head = struct.pack(R, MARKER, rf, th, tl, rmh, rml, rsl, rih)
         end
       elseif rf % 4 >= 2 then
-        head = struct.pack(RQW, rf, rqh, rql, rmh, rml, rsh, rsl, rih)
+        head = struct.pack(RQW, MARKER, rf, th, tl, rqh, rql, rmh, rml, rsh, rsl, rih)
       else
-        head = struct.pack(RW, rf, rmh, rml, rsh, rsl, rih)
+        head = struct.pack(RW, MARKER, rf, th, tl, rmh, rml, rsh, rsl, rih)
       end
       if not tail then tail = raw and string.sub(raw, rp) or '' end
       redis.call('HSET', KEYS[K + 3], field, head .. tail)

@@ -2,7 +2,7 @@
 -- changes a document's membership the same way.
 --
 -- KEYS of every document script: four global keys, then eight per document (i = 0, 1, ...):
---   KEYS[1]          expiry    ZSET   document -> server ms its oldest live session may be due (global)
+--   KEYS[1]          expiry    ZSET   document -> server ms it is due for a visit (global)
 --   KEYS[2]          stats     HASH   live_sessions, present_users over all documents (global)
 --   KEYS[3]          top       ZSET   document -> users present, for `top` (global)
 --   KEYS[4]          outboxes  SET    documents whose snapshot outbox is not empty (global)
@@ -10,8 +10,8 @@
 --   KEYS[4+8i+2]     count     STRING SCARD of users, absent when 0                      (public)
 --   KEYS[4+8i+3]     sessions  HASH   "<user>\31<session>" -> session record             (internal)
 --   KEYS[4+8i+4]     live      HASH   user -> number of live sessions                    (internal)
---   KEYS[4+8i+5]     ended     ZSET   "<user>\31<session>" -> server ms it ended         (internal)
---   KEYS[4+8i+6]     alive     ZSET   "<user>\31<session>" -> server ms of last refresh  (internal)
+--   KEYS[4+8i+5]     ended     ZSET   "<user>\31<session>" -> server ms it ended   (earlier versions)
+--   KEYS[4+8i+6]     alive     ZSET   "<user>\31<session>" -> ms of last refresh   (earlier versions)
 --   KEYS[4+8i+7]     snapshot  HASH   latest snapshot request and threshold arming      (public)
 --   KEYS[4+8i+8]     outbox    LIST   snapshot requests not yet in the snapshot stream  (internal)
 -- ARGV[1] history_ms, ARGV[2] ttl_ms (0: sessions never expire),
@@ -22,18 +22,31 @@
 --
 -- A session record is a binary string (struct.pack, big-endian; a u64 as two u32 halves, hi then
 -- lo, so that versions compare exactly, never as rounded Lua numbers):
+--   0xC1 (a marker: the byte MessagePack never uses)
 --   flags (u8): 1 live, 2 has a seq, 4 ended by expiry, 8 has a meta version, 16 the meta version
 --     has a seq, 32 the stream id sequence of the version needs 64 bits (else 32), 64 the same
 --     for the meta version
+--   time (u48: u16 hi, u32 lo): Redis server ms of the session's last refresh while live, or of
+--     its end
 --   the deciding event's version: seq (u64, only with flag 2), stream id ms (u64) and sequence
 --     (u32, or u64 with flag 32)
 --   a 32-bit hash of its event id (u32)
 --   with flag 8, the version of the event that wrote meta last, the same way (flags 16 and 64)
 --   to the end: the meta map (MessagePack bytes); nothing when none (never set, or cleared by a
 --     leave)
--- 17 bytes for a session without seq nor meta. A record whose first byte is 0x80 or more is a
--- MessagePack map written by an earlier version (l, m/s, q, i, x, mm/ms/mq, d): load_record()
--- reads it as the same record in this layout.
+-- 24 bytes for a session without seq nor meta. Two earlier layouts are still read, and rewritten
+-- in this one when they change: the same without the marker and the time (the first byte is the
+-- flags, below 0x80; the time is then the score in `alive` or `ended`), and a MessagePack map
+-- (first byte 0x80 to 0x8f: l, m/s, q, i, x, mm/ms/mq, d), which load_record() reads as the same
+-- record.
+--
+-- The records' times are the only per-session index: a refresh rewrites just the record. A
+-- document is due for a visit (expire.lua) when its earliest live session may be silent for ttl,
+-- or an eighth of the history after its earliest ended session is older than the history; the
+-- visit reads every record, expires and prunes, and sets the exact next due time. Between visits
+-- the due time may be early, never late. Earlier versions kept the times in the `alive` and
+-- `ended` ZSETs: a record without a time takes its score there, and a visit writes the times into
+-- the records and deletes those two keys.
 
 local history = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -42,8 +55,10 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- Numbers passed to redis.call are formatted there with snprintf('%.17g') on every call: the
 -- ones used per session or per document are formatted once, as integers.
-local now_arg = string.format('%d', now)
-local prune_arg = string.format('%d', now - history)
+-- A document with ended sessions is due for pruning them an eighth of the history after the
+-- oldest is old enough, so that one visit prunes many.
+local prune_slack = math.floor(history / 8)
+local prune_due_arg = string.format('%d', now + history + prune_slack)
 local history_arg = ARGV[1]
 local due_arg = string.format('%d', now + ttl)
 
@@ -54,26 +69,41 @@ local d_sessions, d_users = 0, 0
 local top_of, due_at, due_mode = {}, {}, {}
 
 -- The document being changed (set by begin_doc), its count before, and now (SCARD of its users,
--- followed through SADD and SREM).
-local K, doc, before, present = 0, '', 0, 0
+-- followed through SADD and SREM; both nil until load_count() reads them: a step that changes no
+-- membership never needs them).
+local K, doc, before, present = 0, '', nil, nil
 local ended_touched, went_live = false, false
 -- The event that changed membership last (set by the calling script), and why users leave.
 -- cause_text: when set, the event id and entry id are read from it only if a snapshot request
 -- needs them: cause_id_len bytes at cause_at, then cause_entry_len bytes.
 local cause_event, cause_entry, left_reason = '', '', 'leave'
 local cause_text, cause_at, cause_id_len, cause_entry_len = nil, 0, 0, 0
--- Whether the expiry due time must be exact (expire, repair) or may be early (apply).
-local exact_due = false
+-- Whether the expiry due time must be exact (expire, repair: they set exact_next, the exact due
+-- time or false for none) or may be early (apply).
+local exact_due, exact_next = false, false
 
 local function begin_doc(i, id)
   K, doc = 4 + 8 * i, id
-  before = redis.call('SCARD', KEYS[K + 1])
-  present = before
+  before, present = nil, nil
   ended_touched, went_live = false, false
   cause_event, cause_entry, cause_text = '', '', nil
 end
 
+-- Reads the document's count before this step, once.
+local function load_count()
+  if present == nil then
+    before = redis.call('SCARD', KEYS[K + 1])
+    present = before
+  end
+end
+
 local TWO32 = 4294967296
+
+-- The record's head (see above): the marker, flags and time.
+local HEAD = '>BBI2I4'
+local MARKER = 193
+local now_hi = math.floor(now / TWO32)
+local now_lo = now - now_hi * TWO32
 
 -- A u64 held exactly in a double (below 2^53), as its hi and lo halves.
 local function halves(x)
@@ -137,16 +167,34 @@ local function upgrade(raw)
   return string.char(flags) .. out
 end
 
--- A stored session record (HGET's reply: false when there is none) in the current layout, and
--- its flags (0 when there is none).
+-- A stored session record (HGET's reply: false when there is none): the record, its flags (0 when
+-- there is none), the position of its version, and its time (nil when the record has none: one
+-- of the earlier layouts).
 local function load_record(raw)
-  if not raw then return false, 0 end
-  local flags = string.byte(raw) or 0
-  if flags >= 128 then
-    raw = upgrade(raw)
-    flags = string.byte(raw)
+  if not raw then return false, 0, 1, nil end
+  local first = string.byte(raw) or 0
+  if first == MARKER then
+    local _, flags, th, tl = struct.unpack(HEAD, raw)
+    return raw, flags, 9, th * TWO32 + tl
   end
-  return raw, flags
+  if first >= 128 then
+    raw = upgrade(raw)
+    first = string.byte(raw)
+  end
+  return raw, first, 2, nil
+end
+
+-- A time (ms) as the record holds it: its hi and lo halves.
+local function split_time(at)
+  local hi = math.floor(at / TWO32)
+  return hi, at - hi * TWO32
+end
+
+-- The time of a record of an earlier layout: its score in the `alive` (live) or `ended` index,
+-- or now when it has none.
+local function indexed_time(field, live)
+  local score = redis.call('ZSCORE', KEYS[K + (live and 6 or 5)], field)
+  return tonumber(score) or now
 end
 
 -- Is version 1 newer than version 2? With a seq on both, the higher seq wins and, for equal seq,
@@ -176,22 +224,24 @@ local function feed(user, change)
 end
 
 -- A session became live, or was refreshed while live. `tombstone`: it had ended before.
+-- A refresh changes only the record's time (the caller writes it): the `alive` index is lazy.
 local function session_live(field, user, was_live, tombstone)
   if not was_live then
+    -- (The count first: a users key of the wrong type fails the step before anything changed.)
+    load_count()
     if redis.call('HINCRBY', KEYS[K + 4], user, '1') == 1 then
       present = present + redis.call('SADD', KEYS[K + 1], user)
       d_users = d_users + 1
       feed(user, 'joined')
     end
-    if tombstone then redis.call('ZREM', KEYS[K + 5], field) end
     d_sessions, went_live = d_sessions + 1, true
   end
-  if ttl > 0 then redis.call('ZADD', KEYS[K + 6], now_arg, field) end
 end
 
 -- A session ended (leave or expiry); its record stays as ordering history.
 local function session_ended(field, user, was_live)
   if was_live then
+    load_count()
     if redis.call('HINCRBY', KEYS[K + 4], user, '-1') <= 0 then
       redis.call('HDEL', KEYS[K + 4], user)
       present = present - redis.call('SREM', KEYS[K + 1], user)
@@ -199,9 +249,7 @@ local function session_ended(field, user, was_live)
       feed(user, 'left')
     end
     d_sessions = d_sessions - 1
-    if ttl > 0 then redis.call('ZREM', KEYS[K + 6], field) end
   end
-  redis.call('ZADD', KEYS[K + 5], now_arg, field)
   ended_touched = true
 end
 
@@ -277,20 +325,20 @@ local function flush_globals()
   end
   if #del > 0 then redis.call('ZREM', KEYS[3], unpack(del)) end
   if #add > 0 then redis.call('ZADD', KEYS[3], unpack(add)) end
-  local set, nx = {}, {}
+  local set, lt = {}, {}
   del = {}
   for d, mode in pairs(due_mode) do
     if mode == 'del' then
       del[#del + 1] = d
-    elseif mode == 'nx' then
-      nx[#nx + 1], nx[#nx + 2] = due_at[d], d
+    elseif mode == 'lt' then
+      lt[#lt + 1], lt[#lt + 2] = due_at[d], d
     else
       set[#set + 1], set[#set + 2] = due_at[d], d
     end
   end
   if #del > 0 then redis.call('ZREM', KEYS[1], unpack(del)) end
   if #set > 0 then redis.call('ZADD', KEYS[1], unpack(set)) end
-  if #nx > 0 then redis.call('ZADD', KEYS[1], 'NX', unpack(nx)) end
+  if #lt > 0 then redis.call('ZADD', KEYS[1], 'LT', unpack(lt)) end
   d_sessions, d_users, top_of, due_at, due_mode = 0, 0, {}, {}, {}
 end
 
@@ -307,20 +355,43 @@ local function with_globals(body)
   if not ok then error(err, 0) end
 end
 
--- The document's due time changes: `mode` 'nx' (set `at` only if it has none), 'set' or 'del'.
--- Several changes of one document in one call combine as if written in order.
+-- The document's due time changes: `mode` 'lt' (`at` unless it has an earlier one), 'set' or
+-- 'del' (`at`: a decimal string or a number). Several changes of one document in one call
+-- combine as if written in order.
 local function due_change(mode, at)
   local prev = due_mode[doc]
-  if mode == 'nx' then
-    if prev == 'nx' or prev == 'set' then return end
-    if prev == 'del' then mode = 'set' end
+  if mode == 'lt' then
+    if prev == 'del' then
+      mode = 'set'
+    elseif prev then
+      if tonumber(due_at[doc]) <= tonumber(at) then return end
+      mode = prev
+    end
   end
   due_mode[doc], due_at[doc] = mode, at
+end
+
+-- The exact due time of a document whose earliest live session was refreshed at `first_live`
+-- and whose earliest kept ended session ended at `first_ended` (nil: none), or false for none.
+local function next_due(first_live, first_ended)
+  local due = false
+  if first_live and ttl > 0 then due = first_live + ttl end
+  if first_ended then
+    local prune = math.max(first_ended + history, now + prune_slack)
+    if not due or prune < due then due = prune end
+  end
+  return due
 end
 
 -- After a document's changes: its count, the lifetime of its history, its expiry due time and
 -- its snapshot request. Returns the snapshot reason ('' for none).
 local function finish_doc()
+  if present == nil and not ended_touched and not went_live and not exact_due then
+    -- No session started or ended (refreshes, stale events): membership, count, history and
+    -- expiry are as they were. Only a cooldown can let a threshold fire at an unchanged count.
+    if opts.c == 0 or #opts.t == 0 then return '' end
+  end
+  load_count()
   local after = present
   if after == 0 then
     -- Nobody is here: only ordering history remains, and it goes once it is old enough.
@@ -328,7 +399,7 @@ local function finish_doc()
       redis.call('DEL', KEYS[K + 2])
       top_of[doc] = false
     end
-    if ttl > 0 then due_change('del') end
+    due_change('del')
     redis.call('PEXPIRE', KEYS[K + 3], history_arg)
     redis.call('PEXPIRE', KEYS[K + 5], history_arg)
     redis.call('PEXPIRE', KEYS[K + 7], history_arg)
@@ -343,28 +414,14 @@ local function finish_doc()
       redis.call('PERSIST', KEYS[K + 5])
       redis.call('PERSIST', KEYS[K + 7])
     end
-    if ended_touched or went_live then
-      -- Prune the history of sessions that ended long ago, a few at a time, whenever sessions
-      -- start or end here (not on every heartbeat).
-      local old = redis.call('ZRANGEBYSCORE', KEYS[K + 5], '-inf', prune_arg, 'LIMIT', 0, 64)
-      if #old > 0 then
-        redis.call('HDEL', KEYS[K + 3], unpack(old))
-        redis.call('ZREM', KEYS[K + 5], unpack(old))
-      end
-    end
-    if ttl > 0 then
-      if exact_due then
-        local first = redis.call('ZRANGE', KEYS[K + 6], 0, 0, 'WITHSCORES')
-        if first[2] then
-          due_change('set', tonumber(first[2]) + ttl)
-        else
-          due_change('del')
-        end
-      elseif went_live then
-        -- A new live session is due at now + ttl at the earliest: an existing (earlier) due
-        -- time stays. The index may be early, never late: expiry sets the exact time.
-        due_change('nx', due_arg)
-      end
+    if exact_due then
+      if exact_next then due_change('set', exact_next) else due_change('del') end
+    else
+      -- The index may be early, never late: a visit (expire.lua) sets the exact time. A new
+      -- live session is due at now + ttl at the earliest, an ended one is pruned after the
+      -- history.
+      if went_live and ttl > 0 then due_change('lt', due_arg) end
+      if ended_touched then due_change('lt', prune_due_arg) end
     end
   end
   return snapshot(after)

@@ -1,5 +1,6 @@
--- expire.lua: ends the sessions not refreshed within ttl, as if they had left, in several
--- documents, each in one atomic step.
+-- expire.lua: visits due documents, each in one atomic step: ends the sessions not refreshed
+-- within ttl, as if they had left, prunes the sessions that ended more than the history ago, and
+-- sets the document's next due time (see common.lua).
 -- (common.lua is prepended: it documents KEYS, ARGV[1..3] and the session record.)
 --
 -- ARGV[4] number of documents, ARGV[5] most sessions to expire per document, then the ids.
@@ -11,27 +12,55 @@
 
 exact_due = true
 local cutoff = now - ttl
+local prune_before = now - history
 local max = tonumber(ARGV[5])
 local results = {}
+
+-- Deletes `fields` of the sessions hash, a few thousand per call (unpack's limit).
+local function hdel_all(fields)
+  for i = 1, #fields, 4000 do
+    redis.call('HDEL', KEYS[K + 3], unpack(fields, i, math.min(i + 3999, #fields)))
+  end
+end
+
 local function expire_doc(di)
   begin_doc(di, ARGV[6 + di])
   left_reason, cause_event, cause_entry = 'expired', 'expiry', ''
-  local due = redis.call('ZRANGEBYSCORE', KEYS[K + 6], '-inf', cutoff, 'LIMIT', 0, max)
-  local expired = 0
-  for _, field in ipairs(due) do
-    local raw, flags = load_record(redis.call('HGET', KEYS[K + 3], field))
-    if flags % 2 == 1 then
+  local all = redis.call('HGETALL', KEYS[K + 3])
+  local expired, migrated = 0, false
+  local pruned = {}
+  local first_live, first_ended = nil, nil
+  for i = 1, #all, 2 do
+    local field = all[i]
+    local raw, flags, vp, at = load_record(all[i + 1])
+    local live = flags % 2 == 1
+    if not at then
+      -- A record of an earlier layout: its time is its score in the earlier index.
+      at = indexed_time(field, live)
+      raw, vp, migrated = struct.pack(HEAD, MARKER, flags, split_time(at)) .. string.sub(raw, vp), 9, true
+      redis.call('HSET', KEYS[K + 3], field, raw)
+    end
+    if live and ttl > 0 and at <= cutoff and expired < max then
       local user = string.sub(field, 1, string.find(field, '\31', 1, true) - 1)
       session_ended(field, user, true)
-      -- Ended (flag 1 off) by expiry (flag 4 on).
+      -- Ended (flag 1 off) by expiry (flag 4 on), now.
       flags = flags - 1
       if flags % 8 < 4 then flags = flags + 4 end
-      redis.call('HSET', KEYS[K + 3], field, string.char(flags) .. string.sub(raw, 2))
+      redis.call('HSET', KEYS[K + 3], field,
+        struct.pack(HEAD, MARKER, flags, now_hi, now_lo) .. string.sub(raw, vp))
       expired = expired + 1
-    else
-      redis.call('ZREM', KEYS[K + 6], field)
+      if not first_ended then first_ended = now end
+    elseif live then
+      if not first_live or at < first_live then first_live = at end
+    elseif at <= prune_before then
+      pruned[#pruned + 1] = field
+    elseif not first_ended or at < first_ended then
+      first_ended = at
     end
   end
+  if #pruned > 0 then hdel_all(pruned) end
+  if migrated then redis.call('DEL', KEYS[K + 5], KEYS[K + 6]) end
+  exact_next = next_due(first_live, first_ended)
   results[di + 1] = {expired, finish_doc()}
 end
 with_globals(function()

@@ -3,8 +3,8 @@
 -- (common.lua is prepended: it documents KEYS, ARGV[1..3] and the session record.)
 --
 -- The session records are the truth. From them follow: the users set (users with a live
--- session), the count, the per-user live counts, the expiry ZSET (live sessions only), and the
--- global stats and top index.
+-- session), the count, the per-user live counts, the document's due time in the expiry index
+-- (when it has live sessions and they expire), and the global stats and top index.
 --
 -- Returns the problems found, one readable line each (empty: consistent).
 
@@ -16,15 +16,18 @@ local function say(msg) problems[#problems + 1] = msg end
 
 local records = redis.call('HGETALL', KEYS[K + 3])
 local want_live = {}      -- user -> live sessions
-local want_alive = {}     -- field -> true for live sessions
 local nlive = 0
+local first_live, first_ended = nil, nil
 for i = 1, #records, 2 do
   local field = records[i]
-  local _, flags = load_record(records[i + 1])
-  if flags % 2 == 1 then
+  local _, flags, _, at = load_record(records[i + 1])
+  at = at or indexed_time(field, flags % 2 == 1)
+  if flags % 2 == 0 then
+    if not first_ended or at < first_ended then first_ended = at end
+  else
+    if not first_live or at < first_live then first_live = at end
     local user = string.sub(field, 1, string.find(field, '\31', 1, true) - 1)
     want_live[user] = (want_live[user] or 0) + 1
-    want_alive[field] = true
     nlive = nlive + 1
   end
 end
@@ -58,16 +61,8 @@ end
 for u, n in pairs(want_live) do
   if not seen[u] then say('live count of ' .. u .. ' is missing, the sessions say ' .. n) end
 end
-if ttl > 0 then
-  local alive = redis.call('ZRANGE', KEYS[K + 6], 0, -1)
-  local indexed = {}
-  for _, f in ipairs(alive) do
-    indexed[f] = true
-    if not want_alive[f] then say('session ' .. f .. ' is in the expiry index but not live') end
-  end
-  for f in pairs(want_alive) do
-    if not indexed[f] then say('live session ' .. f .. ' is missing from the expiry index') end
-  end
+if ttl > 0 and nlive > 0 and not redis.call('ZSCORE', KEYS[1], doc) then
+  say('the document has live sessions but no due time in the expiry index')
 end
 
 if fix and #problems > 0 then
@@ -76,12 +71,6 @@ if fix and #problems > 0 then
     redis.call('SADD', KEYS[K + 1], u)
     redis.call('HSET', KEYS[K + 4], u, n)
   end
-  if ttl > 0 then
-    for _, f in ipairs(redis.call('ZRANGE', KEYS[K + 6], 0, -1)) do
-      if not want_alive[f] then redis.call('ZREM', KEYS[K + 6], f) end
-    end
-    for f in pairs(want_alive) do redis.call('ZADD', KEYS[K + 6], 'NX', now, f) end
-  end
   d_users, d_sessions = nwant - #users, nlive - had_live
   if nwant > 0 then
     redis.call('PERSIST', KEYS[K + 3])
@@ -89,6 +78,7 @@ if fix and #problems > 0 then
   end
   present = redis.call('SCARD', KEYS[K + 1])
   before = -1 -- make finish_doc() rewrite the count and the indexes
+  exact_next = next_due(first_live, first_ended)
   with_globals(finish_doc)
 end
 return problems
