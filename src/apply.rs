@@ -35,8 +35,9 @@ const SESSIONS_PER_CALL: usize = 512;
 /// How many script calls go in one pipeline round trip.
 const CALLS_PER_PIPELINE: usize = 16;
 
-/// Most sessions one expiry call ends per document (the rest are due again at once).
-const EXPIRE_PER_DOC: usize = 500;
+/// Most sessions one expiry call ends per document (the rest are due again at once): a visit
+/// reads every record of the document anyway, so it ends many at once.
+const EXPIRE_PER_DOC: usize = 2000;
 
 /// What the script decided for one session's deciding event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
