@@ -311,11 +311,18 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
         println!("\nbaseline: skipped in cluster mode");
     } else if args.baseline_events > 0 {
         let n = args.baseline_events.min(args.events);
+        let cpu0: f64 = nodes.cpu().await?.iter().sum();
         let base = baseline(&mut con, n, args.batch).await?;
+        let base_cpu: f64 = nodes.cpu().await?.iter().sum::<f64>() - cpu0;
         println!("\nbaseline (the same script once per event, pipelined), {n} events:");
         println!(
             "  sustained        {base:>10.0} events/s   ratio {:.2}x",
             rate / base
+        );
+        println!(
+            "  Redis CPU        {:>10.2} us per event (ratio {:.2}x)",
+            base_cpu / n as f64 * 1e6,
+            (base_cpu / n as f64) / (redis_cpu_s / args.events as f64)
         );
     }
 
