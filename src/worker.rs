@@ -213,6 +213,19 @@ struct Worker {
     flusher: Flusher,
 }
 
+/// Most batches committed in a row during a backlog before the periodic tasks run.
+const WINDOW: usize = 8;
+
+/// How a window of batches ended.
+enum Window {
+    /// The backlog goes on: the next batch, read and prepared.
+    Next(batch::Prepared),
+    /// Caught up (a short or empty read) or shutting down: everything read is committed.
+    Done,
+    /// A read ahead failed: whatever it delivered is in our pending list.
+    ReadFailed,
+}
+
 impl Worker {
     async fn run(&mut self) -> Result<()> {
         // Start by replaying our own pending entries: a previous run (or a read that timed out on
@@ -347,49 +360,97 @@ impl Worker {
     }
 
     /// Applies new entries; while reads come back full (a backlog), reads and decodes the next
-    /// batch while the current one is applied, so the worker's CPU and Redis's overlap. Order
-    /// does not matter for the result (each session is last-writer-wins), and every batch is
-    /// acknowledged only once applied. Returns false when a read ahead failed (its entries may
-    /// be in our pending list, to be replayed).
+    /// batch while the current ones are applied, with two batches' commits in flight at a time
+    /// (one's acknowledgement overlaps the next one's scripts), so the worker's CPU and Redis's
+    /// overlap and Redis is never left waiting for the worker. Order does not matter for the
+    /// result (each session is last-writer-wins), and every batch is acknowledged only once
+    /// applied. Returns false when a read ahead failed (its entries may be in our pending list,
+    /// to be replayed).
     async fn backlog(&mut self, first: Vec<Entry>) -> Result<bool> {
-        let none = HashMap::new();
         let c = &self.config;
-        let mut current = batch::prepare(first, &c.limits, c.max_deliveries, &none);
+        let mut current = batch::prepare(first, &c.limits, c.max_deliveries, &HashMap::new());
         loop {
-            if current.size < self.config.batch || self.shutdown.is_cancelled() {
-                return self.commit(current, false).await.map(|()| true);
-            }
-            let c = &self.config;
-            let (limits, max, size) = (c.limits.clone(), c.max_deliveries, c.batch);
-            let (stream, group, consumer, block) = (
-                c.stream.clone(),
-                c.group.clone(),
-                c.consumer.clone(),
-                c.block,
-            );
-            let (mut con, breaker) = (self.read_con.clone(), self.breaker.clone());
-            let next = async move {
-                let from = ReadFrom::New(block);
-                let read = read::read(&mut con, &stream, &group, &consumer, size, from);
-                let entries = guard(&breaker, read).await?;
-                Ok::<_, Error>(batch::prepare(entries, &limits, max, &HashMap::new()))
-            };
-            let (done, next) = tokio::join!(self.commit(current, false), next);
-            done?;
-            current = match next {
-                Ok(next) => next,
-                Err(e) => {
-                    tracing::warn!(error = %e, "read failed");
-                    return Ok(false);
-                }
-            };
-            self.caught_up = current.size < self.config.batch;
-            if current.size == 0 {
-                return Ok(true);
+            let (next, caught_up) = self.window(current).await?;
+            self.caught_up = caught_up;
+            match next {
+                Window::Next(next) => current = next,
+                Window::Done => return Ok(true),
+                Window::ReadFailed => return Ok(false),
             }
             if !self.shutdown.is_cancelled() {
                 self.periodic().await;
             }
         }
+    }
+
+    /// Commits `first` and the full batches read after it, up to [`WINDOW`] of them, two in
+    /// flight at a time; then, when the backlog goes on, returns the next batch (read and
+    /// prepared, not committed) with everything before it committed, so that the periodic tasks
+    /// can run. Also returns whether the last batch committed came from a short read (caught
+    /// up).
+    async fn window(&self, first: batch::Prepared) -> Result<(Window, bool)> {
+        use futures_util::StreamExt as _;
+        let mut inflight = futures_util::stream::FuturesUnordered::new();
+        let mut current = first;
+        for _ in 0..WINDOW {
+            if current.size < self.config.batch || self.shutdown.is_cancelled() {
+                let caught_up = current.size < self.config.batch;
+                inflight.push(self.commit(current, false));
+                while let Some(done) = inflight.next().await {
+                    done?;
+                }
+                return Ok((Window::Done, caught_up));
+            }
+            inflight.push(self.commit(current, false));
+            let read = self.read_ahead();
+            tokio::pin!(read);
+            // Drive the commits in flight while reading; then let at most one stay in flight.
+            let next = loop {
+                tokio::select! {
+                    Some(done) = inflight.next(), if !inflight.is_empty() => done?,
+                    next = &mut read => break next,
+                }
+            };
+            while inflight.len() > 1 {
+                if let Some(done) = inflight.next().await {
+                    done?;
+                }
+            }
+            current = match next {
+                Ok(next) => next,
+                Err(e) => {
+                    while let Some(done) = inflight.next().await {
+                        done?;
+                    }
+                    tracing::warn!(error = %e, "read failed");
+                    return Ok((Window::ReadFailed, false));
+                }
+            };
+            if current.size == 0 {
+                while let Some(done) = inflight.next().await {
+                    done?;
+                }
+                return Ok((Window::Done, true));
+            }
+        }
+        while let Some(done) = inflight.next().await {
+            done?;
+        }
+        Ok((Window::Next(current), false))
+    }
+
+    /// Reads the next batch of new entries (on the blocking read connection) and prepares it.
+    async fn read_ahead(&self) -> Result<batch::Prepared> {
+        let c = &self.config;
+        let mut con = self.read_con.clone();
+        let from = ReadFrom::New(c.block);
+        let read = read::read(&mut con, &c.stream, &c.group, &c.consumer, c.batch, from);
+        let entries = guard(&self.breaker, read).await?;
+        Ok(batch::prepare(
+            entries,
+            &c.limits,
+            c.max_deliveries,
+            &HashMap::new(),
+        ))
     }
 }

@@ -109,12 +109,12 @@ impl Worker {
     }
 
     /// Applies and acknowledges a prepared batch.
-    pub(super) async fn commit(&mut self, batch: Prepared, redelivered: bool) -> Result<()> {
+    pub(super) async fn commit(&self, batch: Prepared, redelivered: bool) -> Result<()> {
         let span = tracing::info_span!("batch", size = batch.size, redelivered);
         self.commit_in_span(batch).instrument(span).await
     }
 
-    async fn commit_in_span(&mut self, batch: Prepared) -> Result<()> {
+    async fn commit_in_span(&self, batch: Prepared) -> Result<()> {
         let Prepared {
             size,
             ids,
@@ -153,7 +153,7 @@ impl Worker {
 
     /// Applies every document; a document Redis refuses for good is dead-lettered instead.
     async fn apply(
-        &mut self,
+        &self,
         docs: &[DocUpdate],
         events: &[(StreamId, Event)],
         raw: &mut [Fields],

@@ -227,7 +227,7 @@ impl Worker {
 
     /// Counts the snapshot requests `emitted` (document, reason) and flushes their outboxes. A
     /// failure only delays them: the periodic flush takes any outbox left behind.
-    pub(super) async fn flush_snapshots(&mut self, emitted: &[(String, String)]) {
+    pub(super) async fn flush_snapshots(&self, emitted: &[(String, String)]) {
         if emitted.is_empty() {
             return;
         }
@@ -237,8 +237,8 @@ impl Worker {
             self.stats.snapshots.fetch_add(n, Ordering::Relaxed);
         }
         let docs: Vec<String> = emitted.iter().map(|(d, _)| d.clone()).collect();
-        let (flusher, breaker) = (self.flusher.clone(), self.breaker.clone());
-        if let Err(e) = guard(&breaker, flusher.flush(&mut self.apply_con, &docs)).await {
+        let mut con = self.apply_con.clone();
+        if let Err(e) = guard(&self.breaker, self.flusher.flush(&mut con, &docs)).await {
             tracing::warn!(error = %e, "flushing snapshot requests failed; they stay queued");
         }
     }
