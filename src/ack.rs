@@ -67,7 +67,7 @@ impl Acker {
         if !ids.is_empty() {
             let cmd = pipe.cmd("XACK").arg(&self.stream).arg(&self.group);
             for id in ids {
-                cmd.arg(id.to_string());
+                cmd.arg(id.text());
             }
             cmd.ignore();
         }

@@ -3,7 +3,7 @@
 //! same way.
 
 use crate::connection::Conn;
-use redis::{Script, ScriptInvocation};
+use redis::{Cmd, Script};
 
 use crate::coalesce::{DocUpdate, SessionUpdate, Version};
 use crate::error::{Error, Result};
@@ -137,19 +137,19 @@ impl Applier {
         docs: &[String],
     ) -> Result<(u64, Vec<(String, String)>)> {
         let calls = self.plan(docs.iter().map(|d| (d.as_str(), 1)));
-        let invocations: Vec<_> = calls
+        let cmds: Vec<_> = calls
             .iter()
             .map(|call| {
-                let mut inv = self.invocation(&self.expire, call.iter().map(|&i| docs[i].as_str()));
-                inv.arg(call.len()).arg(EXPIRE_PER_DOC);
+                let mut cmd =
+                    self.doc_script_cmd(&self.expire, call.iter().map(|&i| docs[i].as_str()));
+                cmd.arg(call.len()).arg(EXPIRE_PER_DOC);
                 for &i in call {
-                    inv.arg(&docs[i]);
+                    cmd.arg(&docs[i]);
                 }
-                inv
+                cmd
             })
             .collect();
-        let replies: Vec<Vec<(u64, String)>> =
-            invoke_pipelined(con, &self.expire, &invocations).await?;
+        let replies: Vec<Vec<(u64, String)>> = invoke_pipelined(con, &self.expire, cmds).await?;
         let mut total = 0;
         let mut emitted = Vec::new();
         for (call, replies) in calls.iter().zip(replies) {
@@ -203,13 +203,13 @@ impl Applier {
     /// Safe to call again with the same updates after any failure: the script is idempotent.
     pub async fn apply(&self, con: &mut Conn, docs: &[DocUpdate]) -> Result<Vec<Applied>> {
         let calls = self.plan(docs.iter().map(|d| (d.doc.as_str(), d.sessions.len())));
-        let invocations: Vec<_> = calls
+        let cmds: Vec<_> = calls
             .iter()
-            .map(|call| self.apply_invocation(call.iter().map(|&i| &docs[i])))
+            .map(|call| self.apply_cmd(call.iter().map(|&i| &docs[i])))
             .collect();
         // Per call a flat array, two strings per document: outcomes (one digit per session) and
         // the snapshot reason.
-        let replies: Vec<Vec<String>> = invoke_pipelined(con, &self.script, &invocations).await?;
+        let replies: Vec<Vec<String>> = invoke_pipelined(con, &self.script, cmds).await?;
         let mut out = vec![Applied::default(); docs.len()];
         let mut answered = 0;
         for (call, replies) in calls.iter().zip(replies) {
@@ -241,63 +241,80 @@ impl Applier {
         Ok(out)
     }
 
-    fn apply_invocation<'s, 'd>(
-        &'s self,
-        docs: impl Iterator<Item = &'d DocUpdate> + Clone,
-    ) -> ScriptInvocation<'s> {
-        let mut inv = self.invocation(&self.script, docs.clone().map(|d| d.doc.as_str()));
-        inv.arg(docs.clone().count());
+    fn apply_cmd<'d>(&self, docs: impl Iterator<Item = &'d DocUpdate> + Clone) -> Cmd {
+        let mut cmd = self.doc_script_cmd(&self.script, docs.clone().map(|d| d.doc.as_str()));
+        cmd.arg(docs.clone().count());
+        let mut packed = Vec::new();
         for d in docs {
-            inv.arg(&d.doc)
-                .arg(d.sessions.len())
-                .arg(pack_sessions(&d.sessions));
+            packed.clear();
+            pack_sessions(&d.sessions, &mut packed);
+            cmd.arg(&d.doc).arg(d.sessions.len()).arg(&packed[..]);
         }
-        inv
+        cmd
     }
 
-    /// An invocation of a document script for `docs`, with its KEYS and ARGV[1..3] (see
-    /// `lua/common.lua`).
-    fn invocation<'s, 'd>(
+    /// A call of a document script for `docs`, with its KEYS and ARGV[1..3] (see
+    /// `lua/common.lua`). Built as the `EVALSHA` command itself, the keys formatted straight into
+    /// it (no `ScriptInvocation`, which holds every key and argument in a `Vec` of its own and
+    /// copies them all again into the command).
+    fn doc_script_cmd<'d>(
         &self,
-        script: &'s Script,
+        script: &Script,
         docs: impl Iterator<Item = &'d str> + Clone,
-    ) -> ScriptInvocation<'s> {
-        let mut inv = script.prepare_invoke();
+    ) -> Cmd {
         let globals = self
             .keys
             .globals_of(docs.clone().next().unwrap_or_default());
-        for key in globals.script_keys() {
-            inv.key(key);
+        let global_keys = globals.script_keys();
+        let mut cmd = evalsha(script, global_keys.len() + DOC_KEYS * docs.clone().count());
+        for key in global_keys {
+            cmd.arg(key);
         }
         for doc in docs {
-            let k = self.keys.doc(doc);
-            for key in k.script_keys() {
-                inv.key(key);
-            }
+            self.keys.write_doc_script_keys(doc, &mut cmd);
         }
-        inv.arg(self.history_ms).arg(self.ttl_ms).arg(&self.options);
-        inv
+        cmd.arg(self.history_ms).arg(self.ttl_ms).arg(&self.options);
+        cmd
     }
 }
 
-/// Runs `invocations` of `script`, pipelined in groups, and returns one reply per invocation.
-/// After a restart or failover the script cache is empty: the script is loaded and the group goes
-/// again (every document script is idempotent). On a cluster, where a pipeline cannot span hash
-/// slots, the invocations (each within one slot) are sent concurrently instead, and each reloads
-/// the script on the node that lost it.
+/// Keys per document in a document script call ([`crate::keys::DocKeys::script_keys`]).
+const DOC_KEYS: usize = 8;
+
+/// `EVALSHA <sha1 of script> <numkeys>`: the start of a script call; the caller adds `numkeys`
+/// keys, then the arguments.
+pub(crate) fn evalsha(script: &Script, numkeys: usize) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(numkeys);
+    cmd
+}
+
+/// Runs `cmds` (`EVALSHA` calls of `script`, see [`evalsha`]), pipelined in groups, and returns
+/// one reply per call. After a restart or failover the script cache is empty: the script is
+/// loaded and the group goes again (every document script is idempotent). On a cluster, where a
+/// pipeline cannot span hash slots, the calls (each within one slot) are sent concurrently
+/// instead, and each loads the script and goes again when its node had lost it.
 pub(crate) async fn invoke_pipelined<T: redis::FromRedisValue>(
     con: &mut Conn,
     script: &Script,
-    invocations: &[ScriptInvocation<'_>],
+    cmds: Vec<Cmd>,
 ) -> Result<Vec<T>> {
     if con.is_cluster() {
         use futures_util::StreamExt as _;
-        let mut out = Vec::with_capacity(invocations.len());
-        for group in invocations.chunks(crate::connection::CLUSTER_CONCURRENCY) {
+        let mut out = Vec::with_capacity(cmds.len());
+        for group in cmds.chunks(crate::connection::CLUSTER_CONCURRENCY) {
             let mut calls = futures_util::stream::FuturesOrdered::new();
-            for inv in group {
+            for cmd in group {
                 let mut con = con.clone();
-                calls.push_back(async move { inv.invoke_async::<T>(&mut con).await });
+                calls.push_back(async move {
+                    match cmd.query_async::<T>(&mut con).await {
+                        Err(e) if e.code() == Some("NOSCRIPT") => {
+                            script.load_async(&mut con).await?;
+                            cmd.query_async::<T>(&mut con).await
+                        }
+                        r => r,
+                    }
+                });
             }
             while let Some(reply) = calls.next().await {
                 out.push(reply?);
@@ -305,11 +322,12 @@ pub(crate) async fn invoke_pipelined<T: redis::FromRedisValue>(
         }
         return Ok(out);
     }
-    let mut out = Vec::with_capacity(invocations.len());
-    for group in invocations.chunks(CALLS_PER_PIPELINE) {
+    let mut out = Vec::with_capacity(cmds.len());
+    let mut cmds = cmds.into_iter().peekable();
+    while cmds.peek().is_some() {
         let mut pipe = redis::pipe();
-        for inv in group {
-            pipe.invoke_script(inv);
+        for cmd in cmds.by_ref().take(CALLS_PER_PIPELINE) {
+            pipe.add_command(cmd);
         }
         let replies: Vec<T> = match pipe.query_async(con).await {
             Err(e) if e.code() == Some("NOSCRIPT") => {
@@ -331,10 +349,10 @@ pub fn id_hash(id: &str) -> u32 {
 
 /// A document's sessions as `apply.lua` reads them: one string, one session after the other (the
 /// layout is documented in its header; every number big-endian, a u64 as its two u32 halves).
-fn pack_sessions(sessions: &[SessionUpdate]) -> Vec<u8> {
-    let mut b = Vec::with_capacity(sessions.len() * 128);
+fn pack_sessions(sessions: &[SessionUpdate], b: &mut Vec<u8>) {
+    b.reserve(sessions.len() * 128);
     for s in sessions {
-        let entry = s.version.sid.to_string();
+        let entry = s.version.sid.text();
         let mut flags = u8::from(s.live);
         if s.version.seq.is_some() {
             flags |= 2;
@@ -349,25 +367,24 @@ fn pack_sessions(sessions: &[SessionUpdate]) -> Vec<u8> {
             }
         }
         b.push(flags);
-        put_version(&mut b, &s.version);
+        put_version(b, &s.version);
         b.extend_from_slice(&id_hash(&s.event_id).to_be_bytes());
-        put_len(&mut b, s.user.len());
-        put_len(&mut b, s.event_id.len());
+        put_len(b, s.user.len());
+        put_len(b, s.event_id.len());
         // SAFETY of the cast: `<u64>-<u64>` has at most 41 characters.
-        b.push(entry.len() as u8);
-        put_len(&mut b, s.field.len());
+        b.push(entry.as_bytes().len() as u8);
+        put_len(b, s.field.len());
         b.extend_from_slice(s.field.as_bytes());
         if let Some((v, m)) = &s.meta {
-            put_version(&mut b, v);
+            put_version(b, v);
             if let Some(m) = m {
-                put_len(&mut b, m.len());
+                put_len(b, m.len());
                 b.extend_from_slice(m);
             }
         }
         b.extend_from_slice(s.event_id.as_bytes());
         b.extend_from_slice(entry.as_bytes());
     }
-    b
 }
 
 /// A version as three u64: seq (0 without one: the flags say), stream id ms and sequence.

@@ -160,12 +160,24 @@ fn check_id(name: &str, value: &str, max: usize) -> Result<(), Error> {
             value.len()
         )));
     }
-    if value.chars().any(char::is_control) {
+    if has_control(value) {
         return Err(invalid(format!(
             "field `{name}` contains a control character"
         )));
     }
     Ok(())
+}
+
+/// Whether `value` holds a control character (`char::is_control`: U+0000–U+001F and
+/// U+007F–U+009F), checked on the UTF-8 bytes: the first two ranges are single bytes, the last is
+/// `C2 80`–`C2 9F` (and `C2` is always a lead byte in valid UTF-8).
+fn has_control(value: &str) -> bool {
+    let b = value.as_bytes();
+    b.iter().enumerate().any(|(i, &c)| {
+        c < 0x20
+            || c == 0x7f
+            || (c == 0xc2 && b.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n)))
+    })
 }
 
 fn check_meta(meta: &Meta, limits: &Limits) -> Result<(), Error> {
@@ -243,13 +255,13 @@ pub fn decode_payload(payload: &[u8]) -> Result<Event, Error> {
             return Err(invalid("payload has a map key that is not a string"));
         };
         let present = !matches!(v, ValueRef::Nil);
-        match key.as_str() {
+        match key {
             "v" => b.v = Some(as_u64(v, "v")?),
-            "id" => b.id = Some(req_str(v, "id")?),
-            "type" => b.kind = Some(req_str(v, "type")?),
-            "doc" => b.doc = Some(req_str(v, "doc")?),
-            "user" => b.user = Some(req_str(v, "user")?),
-            "session" if present => b.session = Some(req_str(v, "session")?),
+            "id" => b.id = Some(req_str(v, "id")?.to_owned()),
+            "type" => b.kind = Some(Kind::parse(req_str(v, "type")?)),
+            "doc" => b.doc = Some(req_str(v, "doc")?.to_owned()),
+            "user" => b.user = Some(req_str(v, "user")?.to_owned()),
+            "session" if present => b.session = Some(req_str(v, "session")?.to_owned()),
             "seq" if present => b.seq = Some(as_u64(v, "seq")?),
             "ts" if present => b.ts = Some(as_i64(v, "ts")?),
             "meta" if present => b.meta = Some(decode_meta_value(v)?),
@@ -278,7 +290,7 @@ fn decode_flat(entry_id: StreamId, fields: &[(Vec<u8>, Vec<u8>)]) -> Result<Even
         match key {
             "v" => b.v = Some(parse_num(text()?, "v")?),
             "id" => b.id = Some(text()?.to_owned()),
-            "type" => b.kind = Some(text()?.to_owned()),
+            "type" => b.kind = Some(Kind::parse(text()?)),
             "doc" => b.doc = Some(text()?.to_owned()),
             "user" => b.user = Some(text()?.to_owned()),
             "session" => b.session = Some(text()?.to_owned()),
@@ -320,12 +332,28 @@ fn parse_num(text: &str, name: &str) -> Result<u64, Error> {
         .map_err(|_| invalid(format!("field `{name}` is out of range: {text:?}")))
 }
 
+/// The `type` field as decoded: a known type, or the unknown text (kept for the error, which is
+/// only raised once the version has been checked, as before).
+enum Kind {
+    Known(EventType),
+    Unknown(String),
+}
+
+impl Kind {
+    fn parse(text: &str) -> Self {
+        match EventType::parse(text) {
+            Some(t) => Self::Known(t),
+            None => Self::Unknown(text.to_owned()),
+        }
+    }
+}
+
 /// Fields gathered while decoding, before the required ones are checked.
 #[derive(Default)]
 struct Builder {
     v: Option<u64>,
     id: Option<String>,
-    kind: Option<String>,
+    kind: Option<Kind>,
     doc: Option<String>,
     user: Option<String>,
     session: Option<String>,
@@ -340,9 +368,12 @@ impl Builder {
         if v != VERSION {
             return Err(invalid(format!("unsupported schema version v={v}")));
         }
-        let kind = self.kind.ok_or_else(|| invalid("missing field `type`"))?;
-        let kind = EventType::parse(&kind)
-            .ok_or_else(|| invalid(format!("unknown event type {:?}", truncate(&kind))))?;
+        let kind = match self.kind.ok_or_else(|| invalid("missing field `type`"))? {
+            Kind::Known(t) => t,
+            Kind::Unknown(text) => {
+                return Err(invalid(format!("unknown event type {:?}", truncate(&text))))
+            }
+        };
         Ok(Event {
             v,
             id: self.id.ok_or_else(|| invalid("missing field `id`"))?,
@@ -364,15 +395,16 @@ fn truncate(s: &str) -> &str {
     }
 }
 
-fn as_str(v: &ValueRef<'_>) -> Option<String> {
+/// The text of a string (or UTF-8 binary) value, borrowed from the payload.
+fn as_str<'a>(v: &ValueRef<'a>) -> Option<&'a str> {
     match v {
-        ValueRef::String(s) => s.as_str().map(str::to_owned),
-        ValueRef::Binary(b) => std::str::from_utf8(b).ok().map(str::to_owned),
+        ValueRef::String(s) => s.into_str(),
+        ValueRef::Binary(b) => std::str::from_utf8(b).ok(),
         _ => None,
     }
 }
 
-fn req_str(v: &ValueRef<'_>, name: &str) -> Result<String, Error> {
+fn req_str<'a>(v: &ValueRef<'a>, name: &str) -> Result<&'a str, Error> {
     as_str(v).ok_or_else(|| invalid(format!("field `{name}` is not a UTF-8 string")))
 }
 
@@ -403,7 +435,7 @@ fn decode_meta_value(v: &ValueRef<'_>) -> Result<Meta, Error> {
         let (Some(k), Some(v)) = (as_str(k), as_str(v)) else {
             return Err(invalid("field `meta` must map strings to strings"));
         };
-        meta.insert(k, v);
+        meta.insert(k.to_owned(), v.to_owned());
     }
     Ok(meta)
 }

@@ -137,6 +137,15 @@ pub fn end_to_end_delay(entry_ms: u64, now_ms: u64) {
     histogram!(END_TO_END_DELAY).record(now_ms.saturating_sub(entry_ms) as f64 / 1000.0);
 }
 
+/// Records the delay of every entry of a batch (their ids' ms) to now: the histogram is looked up
+/// once, not once per entry (the lookup hashes the name and took most of the per-entry cost).
+pub fn end_to_end_delays(entries_ms: impl Iterator<Item = u64>, now_ms: u64) {
+    let h = histogram!(END_TO_END_DELAY);
+    for ms in entries_ms {
+        h.record(now_ms.saturating_sub(ms) as f64 / 1000.0);
+    }
+}
+
 /// Counts dead letters by reason class.
 pub fn dead_letters(reason: &'static str, n: u64) {
     if n > 0 {

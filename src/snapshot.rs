@@ -201,16 +201,18 @@ impl Flusher {
             return Ok(moved);
         }
         let outboxes = self.keys.globals().outboxes;
-        let invocations: Vec<_> = docs
+        let cmds: Vec<_> = docs
             .iter()
             .map(|doc| {
-                let mut inv = self.script.key(self.keys.doc(doc).outbox);
-                inv.key(&outboxes).key(&self.stream).arg(doc);
-                inv
+                let mut cmd = crate::apply::evalsha(&self.script, 3);
+                cmd.arg(self.keys.doc(doc).outbox)
+                    .arg(&outboxes)
+                    .arg(&self.stream)
+                    .arg(doc);
+                cmd
             })
             .collect();
-        let flushed: Vec<u64> =
-            crate::apply::invoke_pipelined(con, &self.script, &invocations).await?;
+        let flushed: Vec<u64> = crate::apply::invoke_pipelined(con, &self.script, cmds).await?;
         Ok(flushed.iter().sum())
     }
 

@@ -1432,3 +1432,20 @@ fn fuzz_decode_never_panics() {
     assert!(ok > 500, "only {ok} inputs decoded");
     assert!(err > 5_000, "only {err} inputs were rejected");
 }
+
+#[test]
+fn control_check_on_bytes_agrees_with_char_is_control() {
+    for c in (0u32..0x800)
+        .chain(0xfff0..0x10040)
+        .filter_map(char::from_u32)
+    {
+        for s in [
+            c.to_string(),
+            format!("a{c}"),
+            format!("{c}é"),
+            format!("\u{c2}{c}"),
+        ] {
+            assert_eq!(has_control(&s), s.chars().any(char::is_control), "{s:?}");
+        }
+    }
+}

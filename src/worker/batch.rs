@@ -129,9 +129,7 @@ impl Worker {
         let outcomes = self.apply(&docs, &events, &mut raw, &mut dead).await?;
         metrics::batch(size, started.elapsed());
         let now_ms = crate::ids::now_ms().max(0) as u64;
-        for (sid, _) in &events {
-            metrics::end_to_end_delay(sid.ms, now_ms);
-        }
+        metrics::end_to_end_delays(events.iter().map(|(sid, _)| sid.ms), now_ms);
         self.count(&docs, &events, &outcomes, &dead);
         let emitted: Vec<(String, String)> = docs
             .iter()
