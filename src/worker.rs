@@ -107,6 +107,7 @@ pub async fn run_with_stats(
     });
     let handle = crate::metrics::install();
     crate::metrics::breaker_initial(breaker.state());
+    tokio::spawn(crate::metrics::upkeep(handle.clone(), shutdown.clone()));
     if let Some(addr) = config.http_addr {
         let health = Arc::new(crate::http::Health {
             client: client.clone(),
