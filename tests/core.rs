@@ -732,13 +732,7 @@ async fn records_of_the_earlier_messagepack_layout_still_apply() {
         .await,
         Outcome::Applied
     );
-    let raw: Vec<u8> = redis::cmd("HGET")
-        .arg("sessions:doc:{old}:sessions")
-        .arg("alice\x1ftab")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!(raw[0], 0xC1, "rewritten in the current layout: {raw:?}");
+    assert_current_layout(&mut con, "old", "alice\x1ftab").await;
     let s = state(&mut con, "old").await;
     let alice = &s.sessions[0];
     assert_eq!(
@@ -903,6 +897,17 @@ async fn a_refused_document_fails_the_call_with_its_error_code() {
     assert_eq!(state(&mut con, "good").await.users, ["a"]);
 }
 
+/// Asserts that the session record `field` of `doc` is in the current layout (its marker byte).
+async fn assert_current_layout(con: &mut Conn, doc: &str, field: &str) {
+    let raw: Vec<u8> = redis::cmd("HGET")
+        .arg(format!("sessions:doc:{{{doc}}}:sessions"))
+        .arg(field)
+        .query_async(con)
+        .await
+        .unwrap();
+    assert_eq!(raw[0], 0xC1, "rewritten in the current layout: {raw:?}");
+}
+
 /// Records of the binary layout without a time (the previous version's) still apply: their time
 /// is their score in `:alive`, so a silent one expires and a refreshed one is rewritten with its
 /// time in the current layout and stays.
@@ -949,13 +954,7 @@ async fn records_without_a_time_expire_by_their_index_score() {
     hb.id = "c".into();
     let docs = coalesce(&[(StreamId::new(now_ms, 0), hb)]);
     applier.apply(&mut con, &docs).await.unwrap();
-    let raw: Vec<u8> = redis::cmd("HGET")
-        .arg("sessions:doc:{v2}:sessions")
-        .arg("busy\x1fb")
-        .query_async(&mut con)
-        .await
-        .unwrap();
-    assert_eq!(raw[0], 0xC1, "rewritten in the current layout: {raw:?}");
+    assert_current_layout(&mut con, "v2", "busy\x1fb").await;
 
     let (expired, _) = applier.expire(&mut con, &["v2".to_owned()]).await.unwrap();
     assert_eq!(expired, 1);
