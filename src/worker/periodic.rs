@@ -52,7 +52,8 @@ impl Worker {
             }
             return;
         }
-        if !self.config.session_ttl.is_zero() && self.caught_up && now >= self.next_expire {
+        // Visits run also without a TTL: they prune the ended sessions of busy documents.
+        if self.caught_up && now >= self.next_expire {
             let every = (self.config.session_ttl / 4)
                 .clamp(Duration::from_millis(250), Duration::from_secs(5));
             self.next_expire = now + every;
