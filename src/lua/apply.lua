@@ -99,12 +99,12 @@ local function apply_doc(di)
       local th, tl = now_hi, now_lo
       if rf % 2 == 1 then
         if outcome ~= 1 then
-          session_live(field, not was_live and string.sub(field, 1, ulen), was_live, raw ~= false)
+          session_live(not was_live and string.sub(field, 1, ulen), was_live)
         else
           th, tl = split_time(rt or indexed_time(field, true))
         end
       elseif was_live or outcome == 0 then
-        session_ended(field, was_live and string.sub(field, 1, ulen), was_live)
+        session_ended(was_live and string.sub(field, 1, ulen), was_live)
       else
         th, tl = split_time(rt or indexed_time(field, false))
       end

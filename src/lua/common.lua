@@ -223,9 +223,9 @@ local function feed(user, change)
   redis.call('SPUBLISH', opts.cp .. doc .. '}:presence', cmsgpack.pack(msg))
 end
 
--- A session became live, or was refreshed while live. `tombstone`: it had ended before.
--- A refresh changes only the record's time (the caller writes it): the `alive` index is lazy.
-local function session_live(field, user, was_live, tombstone)
+-- A session of `user` became live, or was refreshed while live (which changes only the record,
+-- written by the caller).
+local function session_live(user, was_live)
   if not was_live then
     -- (The count first: a users key of the wrong type fails the step before anything changed.)
     load_count()
@@ -238,8 +238,8 @@ local function session_live(field, user, was_live, tombstone)
   end
 end
 
--- A session ended (leave or expiry); its record stays as ordering history.
-local function session_ended(field, user, was_live)
+-- A session of `user` ended (leave or expiry); its record stays as ordering history.
+local function session_ended(user, was_live)
   if was_live then
     load_count()
     if redis.call('HINCRBY', KEYS[K + 4], user, '-1') <= 0 then

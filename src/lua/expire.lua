@@ -42,7 +42,7 @@ local function expire_doc(di)
     end
     if live and ttl > 0 and at <= cutoff and expired < max then
       local user = string.sub(field, 1, string.find(field, '\31', 1, true) - 1)
-      session_ended(field, user, true)
+      session_ended(user, true)
       -- Ended (flag 1 off) by expiry (flag 4 on), now.
       flags = flags - 1
       if flags % 8 < 4 then flags = flags + 4 end
