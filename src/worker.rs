@@ -227,6 +227,19 @@ enum Window {
     ReadFailed,
 }
 
+/// Waits for every commit in flight; the first error ends the wait (the others' entries stay
+/// pending, to be replayed).
+async fn finish_all<F>(inflight: &mut futures_util::stream::FuturesUnordered<F>) -> Result<()>
+where
+    F: std::future::Future<Output = Result<()>>,
+{
+    use futures_util::StreamExt as _;
+    while let Some(done) = inflight.next().await {
+        done?;
+    }
+    Ok(())
+}
+
 impl Worker {
     async fn run(&mut self) -> Result<()> {
         // Start by replaying our own pending entries: a previous run (or a read that timed out on
@@ -397,9 +410,7 @@ impl Worker {
             if current.size < self.config.batch || self.shutdown.is_cancelled() {
                 let caught_up = current.size < self.config.batch;
                 inflight.push(self.commit(current, false));
-                while let Some(done) = inflight.next().await {
-                    done?;
-                }
+                finish_all(&mut inflight).await?;
                 return Ok((Window::Done, caught_up));
             }
             inflight.push(self.commit(current, false));
@@ -420,23 +431,17 @@ impl Worker {
             current = match next {
                 Ok(next) => next,
                 Err(e) => {
-                    while let Some(done) = inflight.next().await {
-                        done?;
-                    }
+                    finish_all(&mut inflight).await?;
                     tracing::warn!(error = %e, "read failed");
                     return Ok((Window::ReadFailed, false));
                 }
             };
             if current.size == 0 {
-                while let Some(done) = inflight.next().await {
-                    done?;
-                }
+                finish_all(&mut inflight).await?;
                 return Ok((Window::Done, true));
             }
         }
-        while let Some(done) = inflight.next().await {
-            done?;
-        }
+        finish_all(&mut inflight).await?;
         Ok((Window::Next(current), false))
     }
 
