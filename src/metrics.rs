@@ -145,11 +145,6 @@ pub fn batch(size: usize, apply: Duration) {
     histogram!(APPLY_DURATION).record(apply.as_secs_f64());
 }
 
-/// Records the delay from an entry's creation (its id's ms) to now.
-pub fn end_to_end_delay(entry_ms: u64, now_ms: u64) {
-    histogram!(END_TO_END_DELAY).record(now_ms.saturating_sub(entry_ms) as f64 / 1000.0);
-}
-
 /// Records the delay of every entry of a batch (their ids' ms) to now: the histogram is looked up
 /// once, not once per entry (the lookup hashes the name and took most of the per-entry cost).
 pub fn end_to_end_delays(entries_ms: impl Iterator<Item = u64>, now_ms: u64) {

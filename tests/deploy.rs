@@ -182,7 +182,7 @@ fn exported_types() -> BTreeMap<String, String> {
     let handle = metrics::install();
     metrics::events("join", "applied", 1);
     metrics::batch(1, std::time::Duration::from_millis(1));
-    metrics::end_to_end_delay(0, 1);
+    metrics::end_to_end_delays(std::iter::once(0), 1);
     metrics::dead_letters("invalid", 1);
     metrics::sessions_expired(1);
     metrics::reclaimed(1, 1);
