@@ -101,12 +101,12 @@ local function apply_doc(di)
         if outcome ~= 1 then
           session_live(not was_live and string.sub(field, 1, ulen), was_live)
         else
-          th, tl = split_time(rt or indexed_time(field, true))
+          th, tl = halves(rt or indexed_time(field, true))
         end
       elseif was_live or outcome == 0 then
         session_ended(was_live and string.sub(field, 1, ulen), was_live)
       else
-        th, tl = split_time(rt or indexed_time(field, false))
+        th, tl = halves(rt or indexed_time(field, false))
       end
       local head
       if rf % 64 < 32 then

@@ -102,14 +102,15 @@ local TWO32 = 4294967296
 -- The record's head (see above): the marker, flags and time.
 local HEAD = '>BBI2I4'
 local MARKER = 193
-local now_hi = math.floor(now / TWO32)
-local now_lo = now - now_hi * TWO32
 
--- A u64 held exactly in a double (below 2^53), as its hi and lo halves.
+-- A u64 held exactly in a double (below 2^53), as its hi and lo halves (also a time in ms, as
+-- the record holds it).
 local function halves(x)
   local lo = x % TWO32
   return (x - lo) / TWO32, lo
 end
+
+local now_hi, now_lo = halves(now)
 
 -- A u64 written in decimal, as its hi and lo halves (exact for any u64).
 local function decimal_halves(q)
@@ -182,12 +183,6 @@ local function load_record(raw)
     first = string.byte(raw)
   end
   return raw, first, 2, nil
-end
-
--- A time (ms) as the record holds it: its hi and lo halves.
-local function split_time(at)
-  local hi = math.floor(at / TWO32)
-  return hi, at - hi * TWO32
 end
 
 -- The time of a record of an earlier layout: its score in the `alive` (live) or `ended` index,

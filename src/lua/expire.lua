@@ -34,12 +34,10 @@ local function expire_doc(di)
     local field = all[i]
     local raw, flags, vp, at = load_record(all[i + 1])
     local live = flags % 2 == 1
-    if not at then
-      -- A record of an earlier layout: its time is its score in the earlier index.
-      at = indexed_time(field, live)
-      raw, vp, migrated = struct.pack(HEAD, MARKER, flags, split_time(at)) .. string.sub(raw, vp), 9, true
-      redis.call('HSET', KEYS[K + 3], field, raw)
-    end
+    -- A record of an earlier layout (no time): its time is its score in the earlier index, and
+    -- it is rewritten in the current layout below, unless it expires or is pruned.
+    local earlier = not at
+    if earlier then at, migrated = indexed_time(field, live), true end
     if live and ttl > 0 and at <= cutoff and expired < max then
       local user = string.sub(field, 1, string.find(field, '\31', 1, true) - 1)
       session_ended(user, true)
@@ -50,12 +48,18 @@ local function expire_doc(di)
         struct.pack(HEAD, MARKER, flags, now_hi, now_lo) .. string.sub(raw, vp))
       expired = expired + 1
       if not first_ended then first_ended = now end
-    elseif live then
-      if not first_live or at < first_live then first_live = at end
-    elseif at <= prune_before then
+    elseif not live and at <= prune_before then
       pruned[#pruned + 1] = field
-    elseif not first_ended or at < first_ended then
-      first_ended = at
+    else
+      if live then
+        if not first_live or at < first_live then first_live = at end
+      elseif not first_ended or at < first_ended then
+        first_ended = at
+      end
+      if earlier then
+        redis.call('HSET', KEYS[K + 3], field,
+          struct.pack(HEAD, MARKER, flags, halves(at)) .. string.sub(raw, vp))
+      end
     end
   end
   if #pruned > 0 then hdel_all(pruned) end
