@@ -110,12 +110,8 @@ impl Applier {
             .all_globals()
             .into_iter()
             .map(|(slot, g)| {
-                let mut cmd = redis::cmd("EVALSHA");
-                cmd.arg(self.claim_due.get_hash())
-                    .arg(1)
-                    .arg(g.expiry)
-                    .arg(lease_ms)
-                    .arg(max);
+                let mut cmd = evalsha(&self.claim_due, 1);
+                cmd.arg(g.expiry).arg(lease_ms).arg(max);
                 (slot, cmd)
             })
             .collect();
