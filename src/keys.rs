@@ -157,7 +157,9 @@ impl Keys {
     /// The hash slot of every key of document `doc`.
     pub fn doc_slot(&self, doc: &str) -> u16 {
         // The users key alone (the same slot as every key of the document), not all of them.
-        key_slot(format!("{}:doc:{{{}}}:users", self.prefix, doc).as_bytes())
+        let mut users = self.doc_base(doc);
+        users.push_str("users");
+        key_slot(users.as_bytes())
     }
 
     /// The global keys of hash slot `slot` (cluster layout):
@@ -208,20 +210,24 @@ impl Keys {
     /// every document of every batch, and nine `String`s per document showed in profiles.
     pub fn write_doc_script_keys(&self, doc: &str, out: &mut (impl redis::RedisWrite + ?Sized)) {
         use std::io::Write as _;
+        let base = self.doc_base(doc);
         for suffix in DOC_SCRIPT_SUFFIXES {
             let mut w = out.writer_for_next_arg();
             // SAFETY of the unwraps: the writer appends to an in-memory buffer, which cannot fail.
-            w.write_all(self.prefix.as_bytes()).unwrap();
-            w.write_all(b":doc:{").unwrap();
-            w.write_all(doc.as_bytes()).unwrap();
-            w.write_all(b"}:").unwrap();
+            w.write_all(base.as_bytes()).unwrap();
             w.write_all(suffix.as_bytes()).unwrap();
         }
     }
 
+    /// What every key of document `doc` starts with: `<prefix>:doc:{<doc>}:` (the one place the
+    /// layout is written).
+    fn doc_base(&self, doc: &str) -> String {
+        format!("{}:doc:{{{}}}:", self.prefix, doc)
+    }
+
     /// All keys of document `doc`.
     pub fn doc(&self, doc: &str) -> DocKeys {
-        let base = format!("{}:doc:{{{}}}:", self.prefix, doc);
+        let base = self.doc_base(doc);
         DocKeys {
             users: format!("{base}users"),
             count: format!("{base}count"),
