@@ -703,37 +703,27 @@ async fn records_of_the_earlier_messagepack_layout_still_apply() {
     assert_eq!(s.sessions[1].entry_id, "2000-0");
 
     let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
-    let event = |kind, seq, id: &str| {
+    // One event of alice's session (seq, event id) in entry `ms`-0; its outcome.
+    async fn apply_one(
+        applier: &Applier,
+        con: &mut Conn,
+        ms: u64,
+        kind: EventType,
+        seq: u64,
+        id: &str,
+    ) -> Outcome {
         let mut e = ev(kind, "old", "alice", Some("tab"));
         e.seq = Some(seq);
         e.id = id.to_owned();
-        e
-    };
-    async fn apply_one(applier: &Applier, con: &mut Conn, ms: u64, e: Event) -> Outcome {
         let docs = coalesce(&[(StreamId::new(ms, 0), e)]);
         applier.apply(con, &docs).await.unwrap()[0].outcomes[0]
     }
     // The same seq in a later entry: stale, and the same event id: a duplicate.
-    assert_eq!(
-        apply_one(
-            &applier,
-            &mut con,
-            1001,
-            event(EventType::Heartbeat, 7, "ev-7")
-        )
-        .await,
-        Outcome::Duplicate
-    );
-    assert_eq!(
-        apply_one(
-            &applier,
-            &mut con,
-            1002,
-            event(EventType::Heartbeat, 8, "ev-8")
-        )
-        .await,
-        Outcome::Applied
-    );
+    let heartbeat = EventType::Heartbeat;
+    let outcome = apply_one(&applier, &mut con, 1001, heartbeat, 7, "ev-7").await;
+    assert_eq!(outcome, Outcome::Duplicate);
+    let outcome = apply_one(&applier, &mut con, 1002, heartbeat, 8, "ev-8").await;
+    assert_eq!(outcome, Outcome::Applied);
     assert_current_layout(&mut con, "old", "alice\x1ftab").await;
     let s = state(&mut con, "old").await;
     let alice = &s.sessions[0];
@@ -752,10 +742,8 @@ async fn records_of_the_earlier_messagepack_layout_still_apply() {
             .0,
         1
     );
-    assert_eq!(
-        apply_one(&applier, &mut con, 1003, event(EventType::Leave, 9, "ev-9")).await,
-        Outcome::Applied
-    );
+    let outcome = apply_one(&applier, &mut con, 1003, EventType::Leave, 9, "ev-9").await;
+    assert_eq!(outcome, Outcome::Applied);
     let s = state(&mut con, "old").await;
     assert!(s.users.is_empty() && s.count.is_none(), "{s:?}");
     let (alice, bob) = (&s.sessions[0], &s.sessions[1]);
