@@ -617,12 +617,7 @@ async fn a_refused_document_in_a_multi_document_call_leaves_the_others_complete(
         assert_eq!(state(&mut con, &format!("m{d}")).await.users, ["u"]);
     }
     // The totals and the indexes count the five documents exactly once.
-    let live: i64 = redis::cmd("HGET")
-        .arg("sessions:stats")
-        .arg("live_sessions")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let live = live_sessions(&mut con).await;
     assert_eq!(live, 5);
     let top: i64 = redis::cmd("ZCARD")
         .arg("sessions:top")
@@ -877,14 +872,19 @@ async fn a_refused_document_fails_the_call_with_its_error_code() {
         "{msg}"
     );
     assert!(!err.is_transient());
-    let live: i64 = redis::cmd("HGET")
-        .arg("sessions:stats")
-        .arg("live_sessions")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let live = live_sessions(&mut con).await;
     assert_eq!(live, 1);
     assert_eq!(state(&mut con, "good").await.users, ["a"]);
+}
+
+/// The live sessions over all documents, as the totals hash counts them.
+async fn live_sessions(con: &mut Conn) -> i64 {
+    redis::cmd("HGET")
+        .arg("sessions:stats")
+        .arg("live_sessions")
+        .query_async(con)
+        .await
+        .unwrap()
 }
 
 /// Asserts that the session record `field` of `doc` is in the current layout (its marker byte).
