@@ -484,7 +484,7 @@ async fn latency(
     }
     let mut child = cmd.env("RUST_LOG", "warn").stdout(Stdio::null()).spawn()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut delays = Vec::new();
+    let (probes, watcher) = watch_probes(url)?;
     let tick = Duration::from_millis(10);
     let per_tick = (rate / 100).max(1);
     let mut next = tokio::time::Instant::now();
@@ -504,32 +504,14 @@ async fn latency(
             pipe.query_async::<()>(con).await?;
         }
         let key = Keys::new("sessions").doc(&doc).count;
-        let probe_con = con.clone();
-        let task = tokio::spawn(async move {
-            let mut con = probe_con;
-            loop {
-                let c: Option<i64> = redis::cmd("GET")
-                    .arg(&key)
-                    .query_async(&mut con)
-                    .await
-                    .ok()?;
-                if c.is_some() {
-                    return Some(sent.elapsed());
-                }
-                if sent.elapsed() > Duration::from_secs(10) {
-                    return None;
-                }
-                tokio::time::sleep(Duration::from_micros(200)).await;
-            }
-        });
-        delays.push(task);
-    }
-    let mut out = Vec::new();
-    for d in delays {
-        if let Ok(Some(d)) = d.await {
-            out.push(d.as_secs_f64() * 1000.0);
+        if probes.send((key, sent)).is_err() {
+            break;
         }
     }
+    drop(probes);
+    let mut out = watcher
+        .join()
+        .map_err(|_| Error::Protocol("the probe watcher panicked".into()))??;
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -541,6 +523,75 @@ async fn latency(
             .unwrap_or(f64::NAN)
     };
     Ok((pct(0.5), pct(0.99), out.last().copied().unwrap_or(f64::NAN)))
+}
+
+/// A thread of its own that watches the probes' count keys (sent to it with the time their
+/// events were sent) every 100 us until each shows up, and returns their delays in ms (probes
+/// not seen within 10 s are left out). Not a tokio task: tokio's timer ticks in milliseconds,
+/// which would add up to a millisecond to every delay measured.
+#[allow(clippy::type_complexity)]
+fn watch_probes(
+    url: &str,
+) -> Result<(
+    std::sync::mpsc::Sender<(String, Instant)>,
+    std::thread::JoinHandle<Result<Vec<f64>>>,
+)> {
+    let (tx, rx) = std::sync::mpsc::channel::<(String, Instant)>();
+    let client = crate::connection::open(url, &Default::default())?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let watcher = std::thread::spawn(move || {
+        rt.block_on(async move {
+            let con = crate::connection::connect(&client, Duration::from_secs(10)).await?;
+            let mut waiting: Vec<(String, Instant)> = Vec::new();
+            let mut delays = Vec::new();
+            let mut open = true;
+            while open || !waiting.is_empty() {
+                loop {
+                    match rx.try_recv() {
+                        Ok(probe) => waiting.push(probe),
+                        Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                            open = false;
+                            break;
+                        }
+                    }
+                }
+                let gets = waiting.iter().map(|(key, _)| {
+                    let mut con = con.clone();
+                    async move {
+                        redis::cmd("GET")
+                            .arg(key)
+                            .query_async::<Option<i64>>(&mut con)
+                            .await
+                    }
+                });
+                let counts = futures_util::future::join_all(gets).await;
+                let seen = Instant::now();
+                let mut counts = counts.into_iter();
+                let mut failed = None;
+                waiting.retain(|(_, sent)| match counts.next() {
+                    Some(Ok(Some(_))) => {
+                        delays.push(seen.duration_since(*sent).as_secs_f64() * 1000.0);
+                        false
+                    }
+                    Some(Ok(None)) => seen.duration_since(*sent) <= Duration::from_secs(10),
+                    Some(Err(e)) => {
+                        failed = Some(e);
+                        true
+                    }
+                    None => true,
+                });
+                if let Some(e) = failed {
+                    return Err(e.into());
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            Ok(delays)
+        })
+    });
+    Ok((tx, watcher))
 }
 
 async fn wait_drained(con: &mut Conn, stream: &str, group: &str) -> Result<()> {

@@ -348,3 +348,57 @@ async fn sigterm_finishes_the_batch_in_hand_and_a_second_signal_exits_at_once() 
     signal(&run, "-TERM");
     assert!(wait_exit(&mut run, Duration::from_secs(10)).success());
 }
+
+/// `bench` at a small size against the test's own server: it prints every figure the
+/// performance issue asks for, and its final state equals the sequential model.
+#[test]
+fn bench_prints_every_figure_and_ends_at_the_model() {
+    let server = RedisServer::start();
+    let out = cli(
+        &server,
+        &[
+            "bench",
+            "--events",
+            "4000",
+            "--docs",
+            "50",
+            "--users",
+            "400",
+            "--baseline-events",
+            "1000",
+            "--rate",
+            "1000",
+            "--latency-duration",
+            "1s",
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "bench failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("final state      equals the sequential model"),
+        "{text}"
+    );
+    for figure in [
+        "sustained",
+        "worker CPU",
+        "worker peak RSS",
+        "us per event (single-core limit",
+        "bytes per live session",
+        "ratio",
+        "p50",
+        "p99",
+    ] {
+        assert!(text.contains(figure), "no {figure:?} in: {text}");
+    }
+    let p99 = text
+        .split("p99 ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no p99 figure in: {text}"));
+    assert!(p99 > 0.0, "{text}");
+}
