@@ -41,22 +41,22 @@ local function apply_doc(di)
   local out = {}
   for k = 1, n do
     local lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field
-    lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field, p = struct.unpack(SESSION, packed, p)
-    local raw, rf, vp, rt = load_record(redis.call('HGET', KEYS[K + 3], field))
+    lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field, p = sunpack(SESSION, packed, p)
+    local raw, rf, vp, rt = load_record(rcall('HGET', KEYS[K + 3], field))
     -- The stored version (rq: it has a seq), its event id hash, and where the rest begins.
     local rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = false, 0, 0, 0, 0, 0, 0, nil, 1
     if raw then
       rq = rf % 4 >= 2
       if rf % 64 < 32 then
         if rq then
-          rqh, rql, rmh, rml, rsl, rih, rp = struct.unpack(VQ, raw, vp)
+          rqh, rql, rmh, rml, rsl, rih, rp = sunpack(VQ, raw, vp)
         else
-          rmh, rml, rsl, rih, rp = struct.unpack(V, raw, vp)
+          rmh, rml, rsl, rih, rp = sunpack(V, raw, vp)
         end
       elseif rq then
-        rqh, rql, rmh, rml, rsh, rsl, rih, rp = struct.unpack(VQW, raw, vp)
+        rqh, rql, rmh, rml, rsh, rsl, rih, rp = sunpack(VQW, raw, vp)
       else
-        rmh, rml, rsh, rsl, rih, rp = struct.unpack(VW, raw, vp)
+        rmh, rml, rsh, rsl, rih, rp = sunpack(VW, raw, vp)
       end
     end
     local was_live = rf % 2 == 1
@@ -75,9 +75,9 @@ local function apply_doc(di)
     local tail = nil
     if lf % 16 >= 8 then
       local mqh, mql, mmh, mml, msh, msl
-      mqh, mql, mmh, mml, msh, msl, p = struct.unpack(META_WRITE, packed, p)
+      mqh, mql, mmh, mml, msh, msl, p = sunpack(META_WRITE, packed, p)
       local meta = ''
-      if lf >= 32 then meta, p = struct.unpack(BYTES, packed, p) end
+      if lf >= 32 then meta, p = sunpack(BYTES, packed, p) end
       local mq = lf % 32 >= 16
       local mnewer = rf % 16 < 8
       if not mnewer then
@@ -99,29 +99,29 @@ local function apply_doc(di)
       local th, tl = now_hi, now_lo
       if rf % 2 == 1 then
         if outcome ~= 1 then
-          session_live(not was_live and string.sub(field, 1, ulen), was_live)
+          session_live(not was_live and ssub(field, 1, ulen), was_live)
         else
           th, tl = halves(rt or indexed_time(field, true))
         end
       elseif was_live or outcome == 0 then
-        session_ended(was_live and string.sub(field, 1, ulen), was_live)
+        session_ended(was_live and ssub(field, 1, ulen), was_live)
       else
         th, tl = halves(rt or indexed_time(field, false))
       end
       local head
       if rf % 64 < 32 then
         if rf % 4 >= 2 then
-          head = struct.pack(RQ, MARKER, rf, th, tl, rqh, rql, rmh, rml, rsl, rih)
+          head = spack(RQ, MARKER, rf, th, tl, rqh, rql, rmh, rml, rsl, rih)
         else
-          head = struct.pack(R, MARKER, rf, th, tl, rmh, rml, rsl, rih)
+          head = spack(R, MARKER, rf, th, tl, rmh, rml, rsl, rih)
         end
       elseif rf % 4 >= 2 then
-        head = struct.pack(RQW, MARKER, rf, th, tl, rqh, rql, rmh, rml, rsh, rsl, rih)
+        head = spack(RQW, MARKER, rf, th, tl, rqh, rql, rmh, rml, rsh, rsl, rih)
       else
-        head = struct.pack(RW, MARKER, rf, th, tl, rmh, rml, rsh, rsl, rih)
+        head = spack(RW, MARKER, rf, th, tl, rmh, rml, rsh, rsl, rih)
       end
-      if not tail then tail = raw and string.sub(raw, rp) or '' end
-      redis.call('HSET', KEYS[K + 3], field, head .. tail)
+      if not tail then tail = raw and ssub(raw, rp) or '' end
+      rcall('HSET', KEYS[K + 3], field, head .. tail)
     end
     p = p + idlen + elen
   end

@@ -48,10 +48,13 @@
 -- `ended` ZSETs: a record without a time takes its score there, and a visit writes the times into
 -- the records and deletes those two keys.
 
+-- The library functions of the hot path, as locals (a global is a table lookup per use).
+local spack, sunpack, rcall, ssub = struct.pack, struct.unpack, redis.call, string.sub
+
 local history = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local opts = cmsgpack.unpack(ARGV[3])
-local t = redis.call('TIME')
+local t = rcall('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 -- Numbers passed to redis.call are formatted there with snprintf('%.17g') on every call: the
 -- ones used per session or per document are formatted once, as integers.
@@ -92,7 +95,7 @@ end
 -- Reads the document's count before this step, once.
 local function load_count()
   if present == nil then
-    before = redis.call('SCARD', KEYS[K + 1])
+    before = rcall('SCARD', KEYS[K + 1])
     present = before
   end
 end
@@ -127,22 +130,22 @@ end
 -- in 32 bits when its hi half is 0.
 local function pack_version(q, qh, ql, mh, ml, sh, sl)
   if sh == 0 then
-    if q then return struct.pack('>I4I4I4I4I4', qh, ql, mh, ml, sl) end
-    return struct.pack('>I4I4I4', mh, ml, sl)
+    if q then return spack('>I4I4I4I4I4', qh, ql, mh, ml, sl) end
+    return spack('>I4I4I4', mh, ml, sl)
   end
-  if q then return struct.pack('>I4I4I4I4I4I4', qh, ql, mh, ml, sh, sl) end
-  return struct.pack('>I4I4I4I4', mh, ml, sh, sl)
+  if q then return spack('>I4I4I4I4I4I4', qh, ql, mh, ml, sh, sl) end
+  return spack('>I4I4I4I4', mh, ml, sh, sl)
 end
 
 -- The version pack_version() wrote at `pos` of `s` (q: with a seq; wide: a 64-bit stream id
 -- sequence): its halves, then the position after it.
 local function unpack_version(s, pos, q, wide)
   local qh, ql, mh, ml, sh, sl = 0, 0, 0, 0, 0, 0
-  if q then qh, ql, pos = struct.unpack('>I4I4', s, pos) end
+  if q then qh, ql, pos = sunpack('>I4I4', s, pos) end
   if wide then
-    mh, ml, sh, sl, pos = struct.unpack('>I4I4I4I4', s, pos)
+    mh, ml, sh, sl, pos = sunpack('>I4I4I4I4', s, pos)
   else
-    mh, ml, sl, pos = struct.unpack('>I4I4I4', s, pos)
+    mh, ml, sl, pos = sunpack('>I4I4I4', s, pos)
   end
   return qh, ql, mh, ml, sh, sl, pos
 end
@@ -156,7 +159,7 @@ local function upgrade(raw)
   local sh, sl = halves(r.s or 0)
   local flags = (r.l == 1 and 1 or 0) + (r.q and 2 or 0) + (r.x == 1 and 4 or 0)
     + (sh > 0 and 32 or 0)
-  local out = pack_version(r.q ~= nil, qh, ql, mh, ml, sh, sl) .. struct.pack('>I4', r.i or 0)
+  local out = pack_version(r.q ~= nil, qh, ql, mh, ml, sh, sl) .. spack('>I4', r.i or 0)
   if r.mm then
     local mqh, mql = 0, 0
     if r.mq then mqh, mql = decimal_halves(r.mq) end
@@ -175,7 +178,7 @@ local function load_record(raw)
   if not raw then return false, 0, 1, nil end
   local first = string.byte(raw) or 0
   if first == MARKER then
-    local _, flags, th, tl = struct.unpack(HEAD, raw)
+    local _, flags, th, tl = sunpack(HEAD, raw)
     return raw, flags, 9, th * TWO32 + tl
   end
   if first >= 128 then
@@ -188,7 +191,7 @@ end
 -- The time of a record of an earlier layout: its score in the `alive` (live) or `ended` index,
 -- or now when it has none.
 local function indexed_time(field, live)
-  local score = redis.call('ZSCORE', KEYS[K + (live and 6 or 5)], field)
+  local score = rcall('ZSCORE', KEYS[K + (live and 6 or 5)], field)
   return tonumber(score) or now
 end
 
@@ -215,7 +218,7 @@ local function feed(user, change)
   if opts.p ~= 1 then return end
   local msg = {v = 1, doc = doc, user = user, change = change, count = present, at = now}
   if change == 'left' then msg.reason = left_reason end
-  redis.call('SPUBLISH', opts.cp .. doc .. '}:presence', cmsgpack.pack(msg))
+  rcall('SPUBLISH', opts.cp .. doc .. '}:presence', cmsgpack.pack(msg))
 end
 
 -- A session of `user` became live, or was refreshed while live (which changes only the record,
@@ -224,8 +227,8 @@ local function session_live(user, was_live)
   if not was_live then
     -- (The count first: a users key of the wrong type fails the step before anything changed.)
     load_count()
-    if redis.call('HINCRBY', KEYS[K + 4], user, '1') == 1 then
-      present = present + redis.call('SADD', KEYS[K + 1], user)
+    if rcall('HINCRBY', KEYS[K + 4], user, '1') == 1 then
+      present = present + rcall('SADD', KEYS[K + 1], user)
       d_users = d_users + 1
       feed(user, 'joined')
     end
@@ -237,9 +240,9 @@ end
 local function session_ended(user, was_live)
   if was_live then
     load_count()
-    if redis.call('HINCRBY', KEYS[K + 4], user, '-1') <= 0 then
-      redis.call('HDEL', KEYS[K + 4], user)
-      present = present - redis.call('SREM', KEYS[K + 1], user)
+    if rcall('HINCRBY', KEYS[K + 4], user, '-1') <= 0 then
+      rcall('HDEL', KEYS[K + 4], user)
+      present = present - rcall('SREM', KEYS[K + 1], user)
       d_users = d_users - 1
       feed(user, 'left')
     end
@@ -254,7 +257,7 @@ end
 local function snapshot(after)
   local thresholds = opts.t
   if #thresholds == 0 and opts.e ~= 1 then return '' end
-  local st = redis.call('HMGET', KEYS[K + 7], 'disarmed', 'last_at')
+  local st = rcall('HMGET', KEYS[K + 7], 'disarmed', 'last_at')
   local disarmed = {}
   for v in string.gmatch(st[1] or '', '%d+') do disarmed[tonumber(v)] = true end
   for th in pairs(disarmed) do
@@ -277,38 +280,38 @@ local function snapshot(after)
   for th in pairs(disarmed) do list[#list + 1] = th end
   table.sort(list)
   local armed = table.concat(list, ',')
-  if armed ~= (st[1] or '') then redis.call('HSET', KEYS[K + 7], 'disarmed', armed) end
+  if armed ~= (st[1] or '') then rcall('HSET', KEYS[K + 7], 'disarmed', armed) end
   if not reason then return '' end
   if cause_text then
     local e = cause_at + cause_id_len
-    cause_event = string.sub(cause_text, cause_at, e - 1)
-    cause_entry = string.sub(cause_text, e, e + cause_entry_len - 1)
+    cause_event = ssub(cause_text, cause_at, e - 1)
+    cause_entry = ssub(cause_text, e, e + cause_entry_len - 1)
   end
-  local users = redis.call('SMEMBERS', KEYS[K + 1])
+  local users = rcall('SMEMBERS', KEYS[K + 1])
   table.sort(users)
   while #users > opts.u do table.remove(users) end
-  local n = redis.call('HINCRBY', KEYS[K + 7], 'emitted', 1)
+  local n = rcall('HINCRBY', KEYS[K + 7], 'emitted', 1)
   local id = redis.sha1hex(doc .. '\31' .. n .. '\31' .. now)
   local request = cmsgpack.pack({
     v = 1, snapshot_id = id, doc = doc, reason = reason, threshold = threshold, count = after,
     users = users, cause = {event_id = cause_event, entry_id = cause_entry}, at = now,
   })
-  redis.call('RPUSH', KEYS[K + 8], request)
-  redis.call('SADD', KEYS[4], doc)
-  redis.call('HSET', KEYS[K + 7], 'snapshot_id', id, 'reason', reason, 'threshold', threshold,
+  rcall('RPUSH', KEYS[K + 8], request)
+  rcall('SADD', KEYS[4], doc)
+  rcall('HSET', KEYS[K + 7], 'snapshot_id', id, 'reason', reason, 'threshold', threshold,
     'count', after, 'at', now, 'cause_event_id', cause_event, 'cause_entry_id', cause_entry,
     'request', request)
-  if reason == 'threshold' then redis.call('HSET', KEYS[K + 7], 'last_at', now) end
+  if reason == 'threshold' then rcall('HSET', KEYS[K + 7], 'last_at', now) end
   return reason
 end
 
 -- Writes the changes to the totals and the global indexes, once per call (with_globals).
 local function flush_globals()
   if d_sessions ~= 0 then
-    redis.call('HINCRBY', KEYS[2], 'live_sessions', string.format('%d', d_sessions))
+    rcall('HINCRBY', KEYS[2], 'live_sessions', string.format('%d', d_sessions))
   end
   if d_users ~= 0 then
-    redis.call('HINCRBY', KEYS[2], 'present_users', string.format('%d', d_users))
+    rcall('HINCRBY', KEYS[2], 'present_users', string.format('%d', d_users))
   end
   local add, del = {}, {}
   for d, count in pairs(top_of) do
@@ -318,8 +321,8 @@ local function flush_globals()
       del[#del + 1] = d
     end
   end
-  if #del > 0 then redis.call('ZREM', KEYS[3], unpack(del)) end
-  if #add > 0 then redis.call('ZADD', KEYS[3], unpack(add)) end
+  if #del > 0 then rcall('ZREM', KEYS[3], unpack(del)) end
+  if #add > 0 then rcall('ZADD', KEYS[3], unpack(add)) end
   local set, lt = {}, {}
   del = {}
   for d, mode in pairs(due_mode) do
@@ -331,9 +334,9 @@ local function flush_globals()
       set[#set + 1], set[#set + 2] = due_at[d], d
     end
   end
-  if #del > 0 then redis.call('ZREM', KEYS[1], unpack(del)) end
-  if #set > 0 then redis.call('ZADD', KEYS[1], unpack(set)) end
-  if #lt > 0 then redis.call('ZADD', KEYS[1], 'LT', unpack(lt)) end
+  if #del > 0 then rcall('ZREM', KEYS[1], unpack(del)) end
+  if #set > 0 then rcall('ZADD', KEYS[1], unpack(set)) end
+  if #lt > 0 then rcall('ZADD', KEYS[1], 'LT', unpack(lt)) end
   d_sessions, d_users, top_of, due_at, due_mode = 0, 0, {}, {}, {}
 end
 
@@ -391,23 +394,23 @@ local function finish_doc()
   if after == 0 then
     -- Nobody is here: only ordering history remains, and it goes once it is old enough.
     if before ~= 0 then
-      redis.call('DEL', KEYS[K + 2])
+      rcall('DEL', KEYS[K + 2])
       top_of[doc] = false
     end
     due_change('del')
-    redis.call('PEXPIRE', KEYS[K + 3], history_arg)
-    redis.call('PEXPIRE', KEYS[K + 5], history_arg)
-    redis.call('PEXPIRE', KEYS[K + 7], history_arg)
+    rcall('PEXPIRE', KEYS[K + 3], history_arg)
+    rcall('PEXPIRE', KEYS[K + 5], history_arg)
+    rcall('PEXPIRE', KEYS[K + 7], history_arg)
   else
     if after ~= before then
       local count = string.format('%d', after)
-      redis.call('SET', KEYS[K + 2], count)
+      rcall('SET', KEYS[K + 2], count)
       top_of[doc] = count
     end
     if before == 0 then
-      redis.call('PERSIST', KEYS[K + 3])
-      redis.call('PERSIST', KEYS[K + 5])
-      redis.call('PERSIST', KEYS[K + 7])
+      rcall('PERSIST', KEYS[K + 3])
+      rcall('PERSIST', KEYS[K + 5])
+      rcall('PERSIST', KEYS[K + 7])
     end
     if exact_due then
       if exact_next then due_change('set', exact_next) else due_change('del') end
