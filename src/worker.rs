@@ -167,6 +167,7 @@ pub async fn run_with_stats(
             next_sample: Instant::now(),
             next_flush: Instant::now(),
             flusher: flusher.clone(),
+            expiry: None,
         });
     }
     let runs = workers.iter_mut().map(|w| async {
@@ -212,6 +213,8 @@ struct Worker {
     next_sample: Instant,
     next_flush: Instant,
     flusher: Flusher,
+    /// The expiry round running beside the loop's batches, if any (the first loop's).
+    expiry: Option<tokio::task::JoinHandle<Result<bool>>>,
 }
 
 /// Most batches committed in a row during a backlog before the periodic tasks run.
@@ -333,6 +336,10 @@ impl Worker {
                     pending = Some(StreamId::default());
                 }
             }
+        }
+        if let Some(round) = self.expiry.take() {
+            // A round is short (its scripts' replies); let it end rather than cut it off.
+            let _ = round.await;
         }
         self.drain_pending().await;
         tracing::info!(consumer = %self.config.consumer, "worker stopped");

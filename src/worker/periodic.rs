@@ -8,8 +8,14 @@ use tokio::time::Instant;
 use super::{
     Worker, EXPIRE_DOCS_PER_ROUND, FLUSH_EVERY, HOUSEKEEPING_EVERY, OWN_CHECK_EVERY, SAMPLE_EVERY,
 };
-use crate::breaker::guard;
+use std::sync::Arc;
+
+use super::Stats;
+use crate::apply::Applier;
+use crate::breaker::{guard, Breaker};
+use crate::connection::Conn;
 use crate::error::Result;
+use crate::snapshot::Flusher;
 use crate::stream_id::StreamId;
 use crate::{metrics, reclaim, retention};
 
@@ -52,17 +58,31 @@ impl Worker {
             }
             return;
         }
-        // Visits run also without a TTL: they prune the ended sessions of busy documents.
-        if self.caught_up && now >= self.next_expire {
+        // Visits run also without a TTL: they prune the ended sessions of busy documents. A round
+        // is a task of its own beside the loop's batches: a visit of a big document, or on a
+        // cluster the sweep over every slot's index, would otherwise hold the loop's reads back.
+        if let Some(round) = self.expiry.take_if(|round| round.is_finished()) {
+            match round.await {
+                Ok(Ok(true)) => self.next_expire = now, // more are due: go on at the next turn
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "expiry failed"),
+                Err(e) => tracing::warn!(error = %e, "expiry round stopped"),
+            }
+        }
+        if self.expiry.is_none() && self.caught_up && now >= self.next_expire {
             let every = (self.config.session_ttl / 4)
                 .clamp(Duration::from_millis(250), Duration::from_secs(5));
             self.next_expire = now + every;
+            let round = expire(
+                self.applier.clone(),
+                self.apply_con.clone(),
+                self.flusher.clone(),
+                self.breaker.clone(),
+                self.stats.clone(),
+                self.config.session_ttl,
+            );
             let breaker = self.breaker.clone();
-            match guard(&breaker, self.expire()).await {
-                Ok(true) => self.next_expire = now, // more are due: go on at the next turn
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "expiry failed"),
-            }
+            self.expiry = Some(tokio::spawn(async move { guard(&breaker, round).await }));
         }
         if self.config.snapshots.enabled() && now >= self.next_flush {
             // On a cluster the sweep asks every hash slot: less often.
@@ -140,35 +160,6 @@ impl Worker {
         Ok(())
     }
 
-    /// Expires the silent sessions of documents that are due; true when more may be due.
-    async fn expire(&mut self) -> Result<bool> {
-        let lease =
-            (self.config.session_ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
-        let docs = self
-            .applier
-            .claim_due(
-                &mut self.apply_con,
-                lease.as_millis() as u64,
-                EXPIRE_DOCS_PER_ROUND,
-            )
-            .await?;
-        if docs.is_empty() {
-            return Ok(false);
-        }
-        let (n, emitted) = self.applier.expire(&mut self.apply_con, &docs).await?;
-        self.flush_snapshots(&emitted).await;
-        self.stats.expired.fetch_add(n, Ordering::Relaxed);
-        metrics::sessions_expired(n);
-        if n > 0 {
-            tracing::debug!(
-                sessions = n,
-                documents = docs.len(),
-                "expired silent sessions"
-            );
-        }
-        Ok(docs.len() == EXPIRE_DOCS_PER_ROUND)
-    }
-
     /// Trims the stream and removes consumers that are gone.
     async fn housekeeping(&mut self) -> Result<()> {
         let c = &self.config;
@@ -229,18 +220,68 @@ impl Worker {
     /// Counts the snapshot requests `emitted` (document, reason) and flushes their outboxes. A
     /// failure only delays them: the periodic flush takes any outbox left behind.
     pub(super) async fn flush_snapshots(&self, emitted: &[(String, String)]) {
-        if emitted.is_empty() {
-            return;
-        }
-        for reason in ["threshold", "empty"] {
-            let n = emitted.iter().filter(|(_, r)| r == reason).count() as u64;
-            metrics::snapshots(reason, n);
-            self.stats.snapshots.fetch_add(n, Ordering::Relaxed);
-        }
-        let docs: Vec<String> = emitted.iter().map(|(d, _)| d.clone()).collect();
-        let mut con = self.apply_con.clone();
-        if let Err(e) = guard(&self.breaker, self.flusher.flush(&mut con, &docs)).await {
-            tracing::warn!(error = %e, "flushing snapshot requests failed; they stay queued");
-        }
+        flush_snapshots(
+            &self.flusher,
+            &self.apply_con,
+            &self.breaker,
+            &self.stats,
+            emitted,
+        )
+        .await;
     }
+}
+
+/// [`Worker::flush_snapshots`] on what it needs.
+async fn flush_snapshots(
+    flusher: &Flusher,
+    con: &Conn,
+    breaker: &Breaker,
+    stats: &Stats,
+    emitted: &[(String, String)],
+) {
+    if emitted.is_empty() {
+        return;
+    }
+    for reason in ["threshold", "empty"] {
+        let n = emitted.iter().filter(|(_, r)| r == reason).count() as u64;
+        metrics::snapshots(reason, n);
+        stats.snapshots.fetch_add(n, Ordering::Relaxed);
+    }
+    let docs: Vec<String> = emitted.iter().map(|(d, _)| d.clone()).collect();
+    let mut con = con.clone();
+    if let Err(e) = guard(breaker, flusher.flush(&mut con, &docs)).await {
+        tracing::warn!(error = %e, "flushing snapshot requests failed; they stay queued");
+    }
+}
+
+/// One expiry round: expires the silent sessions of documents that are due (sessions silent for
+/// `ttl`) and prunes their old history; true when more may be due. Runs on clones of the loop's
+/// parts, as a task of its own.
+async fn expire(
+    applier: Applier,
+    mut con: Conn,
+    flusher: Flusher,
+    breaker: Breaker,
+    stats: Arc<Stats>,
+    ttl: Duration,
+) -> Result<bool> {
+    let lease = (ttl / 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let docs = applier
+        .claim_due(&mut con, lease.as_millis() as u64, EXPIRE_DOCS_PER_ROUND)
+        .await?;
+    if docs.is_empty() {
+        return Ok(false);
+    }
+    let (n, emitted) = applier.expire(&mut con, &docs).await?;
+    flush_snapshots(&flusher, &con, &breaker, &stats, &emitted).await;
+    stats.expired.fetch_add(n, Ordering::Relaxed);
+    metrics::sessions_expired(n);
+    if n > 0 {
+        tracing::debug!(
+            sessions = n,
+            documents = docs.len(),
+            "expired silent sessions"
+        );
+    }
+    Ok(docs.len() == EXPIRE_DOCS_PER_ROUND)
 }
