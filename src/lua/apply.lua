@@ -42,27 +42,54 @@ local function apply_doc(di)
   for k = 1, n do
     local lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field
     lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field, p = sunpack(SESSION, packed, p)
-    local raw, rf, vp, rt = load_record(rcall('HGET', KEYS[K + 3], field))
-    -- The stored version (rq: it has a seq), its event id hash, and where the rest begins.
-    local rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = false, 0, 0, 0, 0, 0, 0, nil, 1
+    local raw = rcall('HGET', KEYS[K + 3], field)
+    -- The stored flags, time and version (rq: it has a seq), its event id hash, and where the
+    -- rest begins.
+    local rf, rt, rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = 0, nil, false, 0, 0, 0, 0, 0, 0, nil, 1
     if raw then
-      rq = rf % 4 >= 2
-      if rf % 64 < 32 then
-        if rq then
-          rqh, rql, rmh, rml, rsl, rih, rp = sunpack(VQ, raw, vp)
-        else
-          rmh, rml, rsl, rih, rp = sunpack(V, raw, vp)
-        end
-      elseif rq then
-        rqh, rql, rmh, rml, rsh, rsl, rih, rp = sunpack(VQW, raw, vp)
+      local first, flags = sbyte(raw, 1, 2)
+      if first == MARKER and flags % 4 < 2 and flags % 64 < 32 then
+        -- The common record, read in one go: no seq, a 32-bit stream id sequence.
+        local th, tl
+        first, rf, th, tl, rmh, rml, rsl, rih, rp = sunpack(R, raw)
+        rt = th * TWO32 + tl
       else
-        rmh, rml, rsh, rsl, rih, rp = sunpack(VW, raw, vp)
+        local vp
+        raw, rf, vp, rt = load_record(raw)
+        rq = rf % 4 >= 2
+        if rf % 64 < 32 then
+          if rq then
+            rqh, rql, rmh, rml, rsl, rih, rp = sunpack(VQ, raw, vp)
+          else
+            rmh, rml, rsl, rih, rp = sunpack(V, raw, vp)
+          end
+        elseif rq then
+          rqh, rql, rmh, rml, rsh, rsl, rih, rp = sunpack(VQW, raw, vp)
+        else
+          rmh, rml, rsh, rsl, rih, rp = sunpack(VW, raw, vp)
+        end
       end
     end
     local was_live = rf % 2 == 1
     local dirty = false
     local outcome = 1
-    if not raw or newer(lf % 4 >= 2, qh, ql, mh, ml, sh, sl, rq, rqh, rql, rmh, rml, rsh, rsl) then
+    -- Is the event newer than the stored version? (newer() inline when neither has a seq: the
+    -- later stream entry wins.)
+    local lq, win = lf % 4 >= 2, true
+    if not raw then
+      win = true
+    elseif lq or rq then
+      win = newer(lq, qh, ql, mh, ml, sh, sl, rq, rqh, rql, rmh, rml, rsh, rsl)
+    elseif mh ~= rmh then
+      win = mh > rmh
+    elseif ml ~= rml then
+      win = ml > rml
+    elseif sh ~= rsh then
+      win = sh > rsh
+    else
+      win = sl > rsl
+    end
+    if win then
       outcome = (rih == lih) and 2 or 0
       -- The new liveness, seq and sequence width; not expired; the meta flags kept.
       rf = (rf - rf % 64) + (rf % 32 - rf % 8) + lf % 4 + (sh > 0 and 32 or 0)

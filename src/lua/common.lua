@@ -49,7 +49,8 @@
 -- the records and deletes those two keys.
 
 -- The library functions of the hot path, as locals (a global is a table lookup per use).
-local spack, sunpack, rcall, ssub = struct.pack, struct.unpack, redis.call, string.sub
+local spack, sunpack, rcall, ssub, sbyte = struct.pack, struct.unpack, redis.call, string.sub,
+  string.byte
 
 local history = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
