@@ -1,16 +1,16 @@
-//! Between batches: reclaim, expiry of silent sessions, housekeeping, metric sampling.
+//! Between batches: reclaim, expiry of silent sessions (a task of its own), housekeeping, metric
+//! sampling.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use super::{
-    Worker, EXPIRE_DOCS_PER_ROUND, FLUSH_EVERY, HOUSEKEEPING_EVERY, OWN_CHECK_EVERY, SAMPLE_EVERY,
+    Stats, Worker, EXPIRE_DOCS_PER_ROUND, FLUSH_EVERY, HOUSEKEEPING_EVERY, OWN_CHECK_EVERY,
+    SAMPLE_EVERY,
 };
-use std::sync::Arc;
-
-use super::Stats;
 use crate::apply::Applier;
 use crate::breaker::{guard, Breaker};
 use crate::connection::Conn;
