@@ -96,6 +96,17 @@ impl Applier {
         }
     }
 
+    /// Loads the scripts the worker calls (on a cluster, on every primary), so that its first
+    /// calls do not each fail with `NOSCRIPT` and load them again: on a cluster, where up to
+    /// [`crate::connection::CLUSTER_CONCURRENCY`] calls are in flight, that made hundreds of
+    /// loads at start. Scripts lost later (a restart, a failover) are still loaded on `NOSCRIPT`.
+    pub async fn load(&self, con: &mut Conn) -> Result<()> {
+        for script in [&self.script, &self.expire, &self.claim_due] {
+            script.load_async(con).await?;
+        }
+        Ok(())
+    }
+
     /// Leases up to `max` documents with sessions due to expire to the caller for `lease_ms`
     /// (on a cluster, up to `max` per hash slot: every slot's index is asked, one pipeline per
     /// primary, and the script runs only where something is due).

@@ -136,6 +136,9 @@ pub async fn run_with_stats(
         config.session_ttl.as_millis() as u64,
         config.snapshots.clone(),
     );
+    if let Err(e) = applier.load(&mut apply_con).await {
+        tracing::warn!(error = %e, "cannot load the scripts ahead: each is loaded on first use");
+    }
     // One consumer loop per stream (shard), each with its own blocking read connection; they
     // share the apply connection, the breaker and the counters. The first one also runs the
     // tasks that concern all streams (expiry, outbox flush, sampling).

@@ -253,3 +253,36 @@ async fn silent_sessions_expire_on_every_slot() {
     assert_eq!((live, present), (0, 0));
     worker.stop().await;
 }
+
+/// A worker loads its scripts on every primary as it starts, before any event needs them (on a
+/// cluster, the calls in flight at once would otherwise each fail with `NOSCRIPT` and load them
+/// again: hundreds of loads at start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_loads_its_scripts_on_every_primary_as_it_starts() {
+    let cluster = RedisCluster::start(3);
+    let worker = RunningWorker::spawn(worker_config(&cluster, "w0", 2, 100));
+    let cached = |i: usize| -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("memory")
+            .query(&mut cluster.node_con(i))
+            .expect("INFO memory");
+        info.lines()
+            .find_map(|l| l.strip_prefix("number_of_cached_scripts:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("number_of_cached_scripts")
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // The apply, expiry and claim scripts, with no event sent at all.
+        let counts: Vec<u64> = (0..3).map(cached).collect();
+        if counts.iter().all(|&n| n >= 3) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "scripts cached per primary: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    worker.stop().await;
+}
