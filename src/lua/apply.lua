@@ -21,10 +21,8 @@
 local SESSION = '>BI4I4I4I4I4I4I4I4I4BI4c0'
 local META_WRITE = '>I4I4I4I4I4I4'
 local BYTES = '>I4c0'
--- A session record's version and event id hash, after its head (see common.lua): without seq or
--- with, with a 32-bit stream id sequence or a 64-bit one.
-local V, VQ, VW, VQW = '>I4I4I4I4', '>I4I4I4I4I4I4', '>I4I4I4I4I4', '>I4I4I4I4I4I4I4'
--- The same with the head first (marker, flags, time).
+-- A session record's head (marker, flags, time), version and event id hash (see common.lua):
+-- without seq or with, with a 32-bit stream id sequence or a 64-bit one.
 local R, RQ, RW, RQW = '>BBI2I4I4I4I4I4', '>BBI2I4I4I4I4I4I4I4', '>BBI2I4I4I4I4I4I4',
   '>BBI2I4I4I4I4I4I4I4I4'
 
@@ -48,27 +46,23 @@ local function apply_doc(di)
     local rf, rt, rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = 0, nil, false, 0, 0, 0, 0, 0, 0, nil, 1
     if raw then
       local first, flags = sbyte(raw, 1, 2)
-      if first == MARKER and flags % 4 < 2 and flags % 64 < 32 then
-        -- The common record, read in one go: no seq, a 32-bit stream id sequence.
-        local th, tl
-        first, rf, th, tl, rmh, rml, rsl, rih, rp = sunpack(R, raw)
-        rt = th * TWO32 + tl
-      else
-        local vp
-        raw, rf, vp, rt = load_record(raw)
-        rq = rf % 4 >= 2
-        if rf % 64 < 32 then
-          if rq then
-            rqh, rql, rmh, rml, rsl, rih, rp = sunpack(VQ, raw, vp)
-          else
-            rmh, rml, rsl, rih, rp = sunpack(V, raw, vp)
-          end
-        elseif rq then
-          rqh, rql, rmh, rml, rsh, rsl, rih, rp = sunpack(VQW, raw, vp)
+      local current = first == MARKER
+      if not current then raw, flags = load_record(raw) end
+      -- Head and version in one go (a record of an earlier layout has no time: rt stays nil).
+      local th, tl, _m
+      rq = flags % 4 >= 2
+      if flags % 64 < 32 then
+        if rq then
+          _m, rf, th, tl, rqh, rql, rmh, rml, rsl, rih, rp = sunpack(RQ, raw)
         else
-          rmh, rml, rsh, rsl, rih, rp = sunpack(VW, raw, vp)
+          _m, rf, th, tl, rmh, rml, rsl, rih, rp = sunpack(R, raw)
         end
+      elseif rq then
+        _m, rf, th, tl, rqh, rql, rmh, rml, rsh, rsl, rih, rp = sunpack(RQW, raw)
+      else
+        _m, rf, th, tl, rmh, rml, rsh, rsl, rih, rp = sunpack(RW, raw)
       end
+      if current then rt = th * TWO32 + tl end
     end
     local was_live = rf % 2 == 1
     local dirty = false

@@ -104,7 +104,7 @@ end
 local TWO32 = 4294967296
 
 -- The record's head (see above): the marker, flags and time.
-local HEAD = '>BBI2I4'
+local HEAD, HEAD_LEN = '>BBI2I4', 8
 local MARKER = 193
 
 -- A u64 held exactly in a double (below 2^53), as its hi and lo halves (also a time in ms, as
@@ -172,21 +172,31 @@ local function upgrade(raw)
   return string.char(flags) .. out
 end
 
--- A stored session record (HGET's reply: false when there is none): the record, its flags (0 when
--- there is none), the position of its version, and its time (nil when the record has none: one
--- of the earlier layouts).
+-- A stored session record (HGET's reply: false when there is none) in the current layout: the
+-- record, its flags (0 when there is none), and its time (nil for a record of an earlier layout,
+-- which has none: its head then holds 0 in its place).
 local function load_record(raw)
-  if not raw then return false, 0, 1, nil end
-  local first = string.byte(raw) or 0
+  if not raw then return false, 0, nil end
+  local first = sbyte(raw) or 0
   if first == MARKER then
     local _, flags, th, tl = sunpack(HEAD, raw)
-    return raw, flags, 9, th * TWO32 + tl
+    return raw, flags, th * TWO32 + tl
   end
   if first >= 128 then
     raw = upgrade(raw)
-    first = string.byte(raw)
+    first = sbyte(raw)
   end
-  return raw, first, 2, nil
+  return spack(HEAD, MARKER, first, 0, 0) .. ssub(raw, 2), first, nil
+end
+
+-- `raw` (a record in the current layout) with flags `flags` and time `th`, `tl` in its head.
+local function with_head(raw, flags, th, tl)
+  return spack(HEAD, MARKER, flags, th, tl) .. ssub(raw, HEAD_LEN + 1)
+end
+
+-- The user of a sessions hash field ("<user>\31<session>").
+local function user_of(field)
+  return ssub(field, 1, string.find(field, '\31', 1, true) - 1)
 end
 
 -- The time of a record of an earlier layout: its score in the `alive` (live) or `ended` index,

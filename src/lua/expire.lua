@@ -32,20 +32,18 @@ local function expire_doc(di)
   local first_live, first_ended = nil, nil
   for i = 1, #all, 2 do
     local field = all[i]
-    local raw, flags, vp, at = load_record(all[i + 1])
+    local raw, flags, at = load_record(all[i + 1])
     local live = flags % 2 == 1
     -- A record of an earlier layout (no time): its time is its score in the earlier index, and
     -- it is rewritten in the current layout below, unless it expires or is pruned.
     local earlier = not at
     if earlier then at, migrated = indexed_time(field, live), true end
     if live and ttl > 0 and at <= cutoff and expired < max then
-      local user = string.sub(field, 1, string.find(field, '\31', 1, true) - 1)
-      session_ended(user, true)
+      session_ended(user_of(field), true)
       -- Ended (flag 1 off) by expiry (flag 4 on), now.
       flags = flags - 1
       if flags % 8 < 4 then flags = flags + 4 end
-      redis.call('HSET', KEYS[K + 3], field,
-        struct.pack(HEAD, MARKER, flags, now_hi, now_lo) .. string.sub(raw, vp))
+      redis.call('HSET', KEYS[K + 3], field, with_head(raw, flags, now_hi, now_lo))
       expired = expired + 1
       if not first_ended then first_ended = now end
     elseif not live and at <= prune_before then
@@ -57,8 +55,7 @@ local function expire_doc(di)
         first_ended = at
       end
       if earlier then
-        redis.call('HSET', KEYS[K + 3], field,
-          struct.pack(HEAD, MARKER, flags, halves(at)) .. string.sub(raw, vp))
+        redis.call('HSET', KEYS[K + 3], field, with_head(raw, flags, halves(at)))
       end
     end
   end

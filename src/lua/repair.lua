@@ -20,13 +20,13 @@ local nlive = 0
 local first_live, first_ended = nil, nil
 for i = 1, #records, 2 do
   local field = records[i]
-  local _, flags, _, at = load_record(records[i + 1])
+  local _, flags, at = load_record(records[i + 1])
   at = at or indexed_time(field, flags % 2 == 1)
   if flags % 2 == 0 then
     if not first_ended or at < first_ended then first_ended = at end
   else
     if not first_live or at < first_live then first_live = at end
-    local user = string.sub(field, 1, string.find(field, '\31', 1, true) - 1)
+    local user = user_of(field)
     want_live[user] = (want_live[user] or 0) + 1
     nlive = nlive + 1
   end
