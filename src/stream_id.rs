@@ -40,25 +40,6 @@ impl IdText {
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..usize::from(self.len)]
     }
-
-    fn push_num(&mut self, mut n: u64) {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            // SAFETY of the cast: a decimal digit fits in a u8.
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        let start = usize::from(self.len);
-        let end = start + digits.len() - i;
-        self.buf[start..end].copy_from_slice(&digits[i..]);
-        // SAFETY of the cast: `end` is at most MAX (41).
-        self.len = end as u8;
-    }
 }
 
 impl redis::ToRedisArgs for IdText {
@@ -70,15 +51,15 @@ impl redis::ToRedisArgs for IdText {
 impl StreamId {
     /// The id's text, as [`fmt::Display`] writes it, without allocating.
     pub fn text(&self) -> IdText {
-        let mut t = IdText {
-            buf: [0; IdText::MAX],
-            len: 0,
-        };
-        t.push_num(self.ms);
-        t.buf[usize::from(t.len)] = b'-';
-        t.len += 1;
-        t.push_num(self.seq);
-        t
+        use std::io::Write as _;
+        let mut buf = [0; IdText::MAX];
+        let mut w = &mut buf[..];
+        // SAFETY of the expect: two u64 and a dash take at most MAX (41) bytes.
+        write!(w, "{self}").expect("a stream id fits in 41 bytes");
+        let left = w.len();
+        // SAFETY of the cast: at most MAX (41).
+        let len = (IdText::MAX - left) as u8;
+        IdText { buf, len }
     }
 }
 
