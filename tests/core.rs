@@ -619,17 +619,9 @@ async fn a_refused_document_in_a_multi_document_call_leaves_the_others_complete(
     // The totals and the indexes count the five documents exactly once.
     let live = live_sessions(&mut con).await;
     assert_eq!(live, 5);
-    let top: i64 = redis::cmd("ZCARD")
-        .arg("sessions:top")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let top: i64 = common::query(&mut con, &["ZCARD", "sessions:top"]).await;
     assert_eq!(top, 5);
-    let due: i64 = redis::cmd("ZCARD")
-        .arg("sessions:expiry")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let due: i64 = common::query(&mut con, &["ZCARD", "sessions:expiry"]).await;
     assert_eq!(due, 5, "every document with live sessions can expire");
     assert_eq!(common::xlen(&mut con, "sessions:events:dead").await, 1);
     w.stop().await;
@@ -772,12 +764,7 @@ async fn a_visit_prunes_old_ended_sessions_but_never_a_live_one() {
         let batch = [(StreamId::new(ms, 0), ev(kind, "d", user, None))];
         applier.apply(&mut con, &coalesce(&batch)).await.unwrap();
     }
-    let due: Option<f64> = redis::cmd("ZSCORE")
-        .arg("sessions:expiry")
-        .arg("d")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let due: Option<f64> = common::query(&mut con, &["ZSCORE", "sessions:expiry", "d"]).await;
     assert!(due.is_some(), "due for pruning once the history is old");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let batch = [(StreamId::new(6, 0), ev(EventType::Join, "d", "back", None))];
@@ -790,12 +777,7 @@ async fn a_visit_prunes_old_ended_sessions_but_never_a_live_one() {
         .map(|x| (x.user.as_str(), x.live))
         .collect();
     assert_eq!(kept, [("back", true), ("stays", true)]);
-    let due: Option<f64> = redis::cmd("ZSCORE")
-        .arg("sessions:expiry")
-        .arg("d")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let due: Option<f64> = common::query(&mut con, &["ZSCORE", "sessions:expiry", "d"]).await;
     assert_eq!(due, None, "nothing left to expire or prune");
 }
 
@@ -879,12 +861,7 @@ async fn a_refused_document_fails_the_call_with_its_error_code() {
 
 /// The live sessions over all documents, as the totals hash counts them.
 async fn live_sessions(con: &mut Conn) -> i64 {
-    redis::cmd("HGET")
-        .arg("sessions:stats")
-        .arg("live_sessions")
-        .query_async(con)
-        .await
-        .unwrap()
+    common::query(con, &["HGET", "sessions:stats", "live_sessions"]).await
 }
 
 /// Asserts that the session record `field` of `doc` is in the current layout (its marker byte).
@@ -948,11 +925,7 @@ async fn records_without_a_time_expire_by_their_index_score() {
 
     let (expired, _) = applier.expire(&mut con, &["v2".to_owned()]).await.unwrap();
     assert_eq!(expired, 1);
-    let old_index: i64 = redis::cmd("EXISTS")
-        .arg("sessions:doc:{v2}:alive")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let old_index: i64 = common::query(&mut con, &["EXISTS", "sessions:doc:{v2}:alive"]).await;
     assert_eq!(old_index, 0, "the visit moved the times into the records");
     let s = state(&mut con, "v2").await;
     assert_eq!(s.users, ["busy"]);

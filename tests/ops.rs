@@ -237,11 +237,7 @@ async fn status_top_and_repair() {
             "repair should report {needle:?}:\n{text}"
         );
     }
-    let count: i64 = redis::cmd("GET")
-        .arg("sessions:doc:{big}:count")
-        .query_async(&mut con)
-        .await
-        .unwrap();
+    let count: i64 = common::query(&mut con, &["GET", "sessions:doc:{big}:count"]).await;
     assert_eq!(count, 42, "a dry run changes nothing");
     let (_, text) = bin(&server, &["repair", "--fix"]);
     assert!(text.contains("1 of 4 documents fixed"), "{text}");

@@ -382,3 +382,12 @@ pub async fn xlen(con: &mut Conn, key: &str) -> usize {
         .await
         .expect("XLEN")
 }
+
+/// One command given as its words (`["ZCARD", "sessions:top"]`), and its reply.
+pub async fn query<T: redis::FromRedisValue>(con: &mut Conn, words: &[&str]) -> T {
+    redis::cmd(words[0])
+        .arg(&words[1..])
+        .query_async(con)
+        .await
+        .unwrap_or_else(|e| panic!("{words:?}: {e}"))
+}
