@@ -525,17 +525,14 @@ async fn latency(
     Ok((pct(0.5), pct(0.99), out.last().copied().unwrap_or(f64::NAN)))
 }
 
+/// Where the latency run sends each probe: its count key and when its events were sent.
+type Probes = std::sync::mpsc::Sender<(String, Instant)>;
+
 /// A thread of its own that watches the probes' count keys (sent to it with the time their
 /// events were sent) every 100 us until each shows up, and returns their delays in ms (probes
 /// not seen within 10 s are left out). Not a tokio task: tokio's timer ticks in milliseconds,
 /// which would add up to a millisecond to every delay measured.
-#[allow(clippy::type_complexity)]
-fn watch_probes(
-    url: &str,
-) -> Result<(
-    std::sync::mpsc::Sender<(String, Instant)>,
-    std::thread::JoinHandle<Result<Vec<f64>>>,
-)> {
+fn watch_probes(url: &str) -> Result<(Probes, std::thread::JoinHandle<Result<Vec<f64>>>)> {
     let (tx, rx) = std::sync::mpsc::channel::<(String, Instant)>();
     let client = crate::connection::open(url, &Default::default())?;
     let rt = tokio::runtime::Builder::new_current_thread()
