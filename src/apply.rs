@@ -278,12 +278,12 @@ impl Applier {
             .keys
             .globals_of(docs.clone().next().unwrap_or_default());
         let global_keys = globals.script_keys();
-        let mut cmd = evalsha(script, global_keys.len() + DOC_KEYS * docs.clone().count());
+        let mut cmd = evalsha(script, global_keys.len() + docs.clone().count());
         for key in global_keys {
             cmd.arg(key);
         }
         for doc in docs {
-            self.keys.write_doc_script_keys(doc, &mut cmd);
+            self.keys.write_doc_script_key(doc, &mut cmd);
         }
         cmd.arg(self.history_ms).arg(self.ttl_ms).arg(&self.options);
         cmd
@@ -324,9 +324,6 @@ async fn due_slots(
         .map(|(g, _)| g)
         .collect())
 }
-
-/// Keys per document in a document script call ([`crate::keys::DocKeys::script_keys`]).
-const DOC_KEYS: usize = 8;
 
 /// `EVALSHA <sha1 of script> <numkeys>`: the start of a script call; the caller adds `numkeys`
 /// keys, then the arguments.

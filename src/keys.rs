@@ -33,19 +33,11 @@ pub struct DocKeys {
 }
 
 impl DocKeys {
-    /// This document's eight keys in the order the document scripts take them (see
-    /// `lua/common.lua`), after the four global keys.
-    pub fn script_keys(&self) -> [&str; 8] {
-        [
-            &self.users,
-            &self.count,
-            &self.sessions,
-            &self.live,
-            &self.ended,
-            &self.alive,
-            &self.snapshot,
-            &self.outbox,
-        ]
+    /// The one key of this document the document scripts take (after the four global keys): its
+    /// sessions hash. The scripts name the others from it, as `<prefix>:doc:{<doc>}:` and their
+    /// suffix (see `lua/common.lua`).
+    pub fn script_key(&self) -> &str {
+        &self.sessions
     }
 }
 
@@ -68,12 +60,6 @@ impl GlobalKeys {
         [&self.expiry, &self.stats, &self.top, &self.outboxes]
     }
 }
-
-/// The suffixes of [`DocKeys::script_keys`], in the same order (for
-/// [`Keys::write_doc_script_keys`]; a unit test checks both agree).
-const DOC_SCRIPT_SUFFIXES: [&str; 8] = [
-    "users", "count", "sessions", "live", "ended", "alive", "snapshot", "outbox",
-];
 
 /// Number of hash slots of a Redis Cluster.
 pub const SLOTS: u16 = 16384;
@@ -205,18 +191,15 @@ impl Keys {
         &self.prefix
     }
 
-    /// Writes the eight keys of [`DocKeys::script_keys`] for document `doc` as eight arguments of
-    /// `out` (a command being built), formatted straight into it: the apply path sends them for
-    /// every document of every batch, and nine `String`s per document showed in profiles.
-    pub fn write_doc_script_keys(&self, doc: &str, out: &mut (impl redis::RedisWrite + ?Sized)) {
+    /// Writes [`DocKeys::script_key`] of document `doc` as the next argument of `out` (a command
+    /// being built), formatted straight into it: the apply path sends it for every document of
+    /// every batch.
+    pub fn write_doc_script_key(&self, doc: &str, out: &mut (impl redis::RedisWrite + ?Sized)) {
         use std::io::Write as _;
-        let base = self.doc_base(doc);
-        for suffix in DOC_SCRIPT_SUFFIXES {
-            let mut w = out.writer_for_next_arg();
-            // SAFETY of the unwraps: the writer appends to an in-memory buffer, which cannot fail.
-            w.write_all(base.as_bytes()).unwrap();
-            w.write_all(suffix.as_bytes()).unwrap();
-        }
+        let mut w = out.writer_for_next_arg();
+        // SAFETY of the unwraps: the writer appends to an in-memory buffer, which cannot fail.
+        w.write_all(self.doc_base(doc).as_bytes()).unwrap();
+        w.write_all(b"sessions").unwrap();
     }
 
     /// What every key of document `doc` starts with: `<prefix>:doc:{<doc>}:` (the one place the
@@ -328,7 +311,7 @@ mod tests {
         for doc in ["a", "a}:b", "{x}", "doc-42"] {
             let g = keys.globals_of(doc);
             let d = keys.doc(doc);
-            for k in g.script_keys().into_iter().chain(d.script_keys()) {
+            for k in g.script_keys().into_iter().chain([d.script_key()]) {
                 assert_eq!(key_slot(k.as_bytes()), keys.doc_slot(doc), "{k}");
             }
         }
@@ -340,18 +323,26 @@ mod tests {
     }
 
     #[test]
-    fn written_script_keys_are_the_doc_keys() {
+    fn scripts_name_every_doc_key_from_the_one_they_take() {
         let keys = Keys::new("sessions");
         for d in ["42", "a}:b", "{x}", "é"] {
             let mut written: Vec<Vec<u8>> = Vec::new();
-            keys.write_doc_script_keys(d, &mut written);
-            let expected: Vec<Vec<u8>> = keys
-                .doc(d)
-                .script_keys()
-                .iter()
-                .map(|k| k.as_bytes().to_vec())
-                .collect();
-            assert_eq!(written, expected);
+            keys.write_doc_script_key(d, &mut written);
+            let k = keys.doc(d);
+            assert_eq!(written, vec![k.script_key().as_bytes().to_vec()]);
+            // What common.lua's dkey() does: the script key without "sessions", then the suffix.
+            let base = k.script_key().strip_suffix("sessions").unwrap();
+            for (suffix, name) in [
+                ("users", &k.users),
+                ("count", &k.count),
+                ("live", &k.live),
+                ("ended", &k.ended),
+                ("alive", &k.alive),
+                ("snapshot", &k.snapshot),
+                ("outbox", &k.outbox),
+            ] {
+                assert_eq!(&format!("{base}{suffix}"), name);
+            }
         }
     }
 

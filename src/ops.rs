@@ -233,7 +233,7 @@ pub async fn repair(
             .globals_of(&doc)
             .script_keys()
             .into_iter()
-            .chain(keys.doc(&doc).script_keys())
+            .chain([keys.doc(&doc).script_key()])
         {
             inv.key(key);
         }

@@ -40,7 +40,7 @@ local function apply_doc(di)
   for k = 1, n do
     local lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field
     lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field, p = sunpack(SESSION, packed, p)
-    local raw = rcall('HGET', KEYS[K + 3], field)
+    local raw = rcall('HGET', KEYS[K], field)
     -- The stored flags, time and version (rq: it has a seq), its event id hash, and where the
     -- rest begins.
     local rf, rt, rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = 0, nil, false, 0, 0, 0, 0, 0, 0, nil, 1
@@ -142,7 +142,7 @@ local function apply_doc(di)
         head = spack(RW, MARKER, rf, th, tl, rmh, rml, rsh, rsl, rih)
       end
       if not tail then tail = raw and ssub(raw, rp) or '' end
-      rcall('HSET', KEYS[K + 3], field, head .. tail)
+      rcall('HSET', KEYS[K], field, head .. tail)
     end
     p = p + idlen + elen
   end

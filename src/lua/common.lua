@@ -1,19 +1,27 @@
 -- common.lua: shared by apply.lua, expire.lua and repair.lua (prepended to each), so every script
 -- changes a document's membership the same way.
 --
--- KEYS of every document script: four global keys, then eight per document (i = 0, 1, ...):
+-- KEYS of every document script: four global keys, then one per document (i = 0, 1, ...), its
+-- sessions hash. The document's other keys are named in the script, and only when a step touches
+-- them: dkey(suffix) is ARGV[3]'s cp ("<prefix>:doc:{"), the document id, "}:" and the suffix,
+-- as for the sessions hash (users_key() and live_key() are dkey('users') and dkey('live'), named
+-- once per step).
 --   KEYS[1]          expiry    ZSET   document -> server ms it is due for a visit (global)
 --   KEYS[2]          stats     HASH   live_sessions, present_users over all documents (global)
 --   KEYS[3]          top       ZSET   document -> users present, for `top` (global)
 --   KEYS[4]          outboxes  SET    documents whose snapshot outbox is not empty (global)
---   KEYS[4+8i+1]     users     SET    users present in the document                     (public)
---   KEYS[4+8i+2]     count     STRING SCARD of users, absent when 0                      (public)
---   KEYS[4+8i+3]     sessions  HASH   "<user>\31<session>" -> session record             (internal)
---   KEYS[4+8i+4]     live      HASH   user -> number of live sessions                    (internal)
---   KEYS[4+8i+5]     ended     ZSET   "<user>\31<session>" -> server ms it ended   (earlier versions)
---   KEYS[4+8i+6]     alive     ZSET   "<user>\31<session>" -> ms of last refresh   (earlier versions)
---   KEYS[4+8i+7]     snapshot  HASH   latest snapshot request and threshold arming      (public)
---   KEYS[4+8i+8]     outbox    LIST   snapshot requests not yet in the snapshot stream  (internal)
+--   KEYS[4+i+1]      sessions  HASH   "<user>\31<session>" -> session record             (internal)
+--   users_key()      users     SET    users present in the document                     (public)
+--   dkey('count')    count     STRING SCARD of users, absent when 0                      (public)
+--   live_key()       live      HASH   user -> number of live sessions                    (internal)
+--   dkey('ended')    ended     ZSET   "<user>\31<session>" -> server ms it ended   (earlier versions)
+--   dkey('alive')    alive     ZSET   "<user>\31<session>" -> ms of last refresh   (earlier versions)
+--   dkey('snapshot') snapshot  HASH   latest snapshot request and threshold arming      (public)
+--   dkey('outbox')   outbox    LIST   snapshot requests not yet in the snapshot stream  (internal)
+-- (One declared key per document, not eight: creating eight key names as Lua strings for every
+-- document of every call was 8% of Redis's work, and most steps touch only the sessions hash.
+-- The keys named in the script share the declared key's hash slot, which is what Redis Cluster
+-- checks.)
 -- ARGV[1] history_ms, ARGV[2] ttl_ms (0: sessions never expire),
 -- ARGV[3] options, a MessagePack map: t (snapshot thresholds, ascending), h (hysteresis),
 --   c (cooldown ms, 0: none), e (1: a request when a document empties), u (most users listed in
@@ -76,6 +84,9 @@ local top_of, due_at, due_mode = {}, {}, {}
 -- followed through SADD and SREM; both nil until load_count() reads them: a step that changes no
 -- membership never needs them).
 local K, doc, before, present = 0, '', nil, nil
+-- The names of the document's users and live keys, once used in this step (users_key,
+-- live_key).
+local k_users, k_live = nil, nil
 local ended_touched, went_live = false, false
 -- The event that changed membership last (set by the calling script), and why users leave.
 -- cause_text: when set, the event id and entry id are read from it only if a snapshot request
@@ -87,16 +98,34 @@ local cause_text, cause_at, cause_id_len, cause_entry_len = nil, 0, 0, 0
 local exact_due, exact_next = false, false
 
 local function begin_doc(i, id)
-  K, doc = 4 + 8 * i, id
+  K, doc = 5 + i, id
+  k_users, k_live = nil, nil
   before, present = nil, nil
   ended_touched, went_live = false, false
   cause_event, cause_entry, cause_text = '', '', nil
 end
 
+-- The name of the document's key with suffix `name` (see above).
+local doc_prefix = opts.cp
+local function dkey(name)
+  return doc_prefix .. doc .. '}:' .. name
+end
+
+-- The document's users and live keys, named once per step: most steps that use one use it
+-- several times.
+local function users_key()
+  if not k_users then k_users = doc_prefix .. doc .. '}:users' end
+  return k_users
+end
+local function live_key()
+  if not k_live then k_live = doc_prefix .. doc .. '}:live' end
+  return k_live
+end
+
 -- Reads the document's count before this step, once.
 local function load_count()
   if present == nil then
-    before = rcall('SCARD', KEYS[K + 1])
+    before = rcall('SCARD', users_key())
     present = before
   end
 end
@@ -202,7 +231,7 @@ end
 -- The time of a record of an earlier layout: its score in the `alive` (live) or `ended` index,
 -- or now when it has none.
 local function indexed_time(field, live)
-  local score = rcall('ZSCORE', KEYS[K + (live and 6 or 5)], field)
+  local score = rcall('ZSCORE', dkey(live and 'alive' or 'ended'), field)
   return tonumber(score) or now
 end
 
@@ -238,8 +267,8 @@ local function session_live(user, was_live)
   if not was_live then
     -- (The count first: a users key of the wrong type fails the step before anything changed.)
     load_count()
-    if rcall('HINCRBY', KEYS[K + 4], user, '1') == 1 then
-      present = present + rcall('SADD', KEYS[K + 1], user)
+    if rcall('HINCRBY', live_key(), user, '1') == 1 then
+      present = present + rcall('SADD', users_key(), user)
       d_users = d_users + 1
       feed(user, 'joined')
     end
@@ -251,9 +280,9 @@ end
 local function session_ended(user, was_live)
   if was_live then
     load_count()
-    if rcall('HINCRBY', KEYS[K + 4], user, '-1') <= 0 then
-      rcall('HDEL', KEYS[K + 4], user)
-      present = present - rcall('SREM', KEYS[K + 1], user)
+    if rcall('HINCRBY', live_key(), user, '-1') <= 0 then
+      rcall('HDEL', live_key(), user)
+      present = present - rcall('SREM', users_key(), user)
       d_users = d_users - 1
       feed(user, 'left')
     end
@@ -268,7 +297,7 @@ end
 local function snapshot(after)
   local thresholds = opts.t
   if #thresholds == 0 and opts.e ~= 1 then return '' end
-  local st = rcall('HMGET', KEYS[K + 7], 'disarmed', 'last_at')
+  local st = rcall('HMGET', dkey('snapshot'), 'disarmed', 'last_at')
   local disarmed = {}
   for v in string.gmatch(st[1] or '', '%d+') do disarmed[tonumber(v)] = true end
   for th in pairs(disarmed) do
@@ -291,28 +320,28 @@ local function snapshot(after)
   for th in pairs(disarmed) do list[#list + 1] = th end
   table.sort(list)
   local armed = table.concat(list, ',')
-  if armed ~= (st[1] or '') then rcall('HSET', KEYS[K + 7], 'disarmed', armed) end
+  if armed ~= (st[1] or '') then rcall('HSET', dkey('snapshot'), 'disarmed', armed) end
   if not reason then return '' end
   if cause_text then
     local e = cause_at + cause_id_len
     cause_event = ssub(cause_text, cause_at, e - 1)
     cause_entry = ssub(cause_text, e, e + cause_entry_len - 1)
   end
-  local users = rcall('SMEMBERS', KEYS[K + 1])
+  local users = rcall('SMEMBERS', users_key())
   table.sort(users)
   while #users > opts.u do table.remove(users) end
-  local n = rcall('HINCRBY', KEYS[K + 7], 'emitted', 1)
+  local n = rcall('HINCRBY', dkey('snapshot'), 'emitted', 1)
   local id = redis.sha1hex(doc .. '\31' .. n .. '\31' .. now)
   local request = cmsgpack.pack({
     v = 1, snapshot_id = id, doc = doc, reason = reason, threshold = threshold, count = after,
     users = users, cause = {event_id = cause_event, entry_id = cause_entry}, at = now,
   })
-  rcall('RPUSH', KEYS[K + 8], request)
+  rcall('RPUSH', dkey('outbox'), request)
   rcall('SADD', KEYS[4], doc)
-  rcall('HSET', KEYS[K + 7], 'snapshot_id', id, 'reason', reason, 'threshold', threshold,
+  rcall('HSET', dkey('snapshot'), 'snapshot_id', id, 'reason', reason, 'threshold', threshold,
     'count', after, 'at', now, 'cause_event_id', cause_event, 'cause_entry_id', cause_entry,
     'request', request)
-  if reason == 'threshold' then rcall('HSET', KEYS[K + 7], 'last_at', now) end
+  if reason == 'threshold' then rcall('HSET', dkey('snapshot'), 'last_at', now) end
   return reason
 end
 
@@ -405,23 +434,23 @@ local function finish_doc()
   if after == 0 then
     -- Nobody is here: only ordering history remains, and it goes once it is old enough.
     if before ~= 0 then
-      rcall('DEL', KEYS[K + 2])
+      rcall('DEL', dkey('count'))
       top_of[doc] = false
     end
     due_change('del')
-    rcall('PEXPIRE', KEYS[K + 3], history_arg)
-    rcall('PEXPIRE', KEYS[K + 5], history_arg)
-    rcall('PEXPIRE', KEYS[K + 7], history_arg)
+    rcall('PEXPIRE', KEYS[K], history_arg)
+    rcall('PEXPIRE', dkey('ended'), history_arg)
+    rcall('PEXPIRE', dkey('snapshot'), history_arg)
   else
     if after ~= before then
       local count = string.format('%d', after)
-      rcall('SET', KEYS[K + 2], count)
+      rcall('SET', dkey('count'), count)
       top_of[doc] = count
     end
     if before == 0 then
-      rcall('PERSIST', KEYS[K + 3])
-      rcall('PERSIST', KEYS[K + 5])
-      rcall('PERSIST', KEYS[K + 7])
+      rcall('PERSIST', KEYS[K])
+      rcall('PERSIST', dkey('ended'))
+      rcall('PERSIST', dkey('snapshot'))
     end
     if exact_due then
       if exact_next then due_change('set', exact_next) else due_change('del') end

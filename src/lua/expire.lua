@@ -19,14 +19,14 @@ local results = {}
 -- Deletes `fields` of the sessions hash, a few thousand per call (unpack's limit).
 local function hdel_all(fields)
   for i = 1, #fields, 4000 do
-    redis.call('HDEL', KEYS[K + 3], unpack(fields, i, math.min(i + 3999, #fields)))
+    redis.call('HDEL', KEYS[K], unpack(fields, i, math.min(i + 3999, #fields)))
   end
 end
 
 local function expire_doc(di)
   begin_doc(di, ARGV[6 + di])
   left_reason, cause_event, cause_entry = 'expired', 'expiry', ''
-  local all = redis.call('HGETALL', KEYS[K + 3])
+  local all = redis.call('HGETALL', KEYS[K])
   local expired, migrated = 0, false
   local pruned = {}
   local first_live, first_ended = nil, nil
@@ -43,7 +43,7 @@ local function expire_doc(di)
       -- Ended (flag 1 off) by expiry (flag 4 on), now.
       flags = flags - 1
       if flags % 8 < 4 then flags = flags + 4 end
-      redis.call('HSET', KEYS[K + 3], field, with_head(raw, flags, now_hi, now_lo))
+      redis.call('HSET', KEYS[K], field, with_head(raw, flags, now_hi, now_lo))
       expired = expired + 1
       if not first_ended then first_ended = now end
     elseif not live and at <= prune_before then
@@ -55,12 +55,12 @@ local function expire_doc(di)
         first_ended = at
       end
       if earlier then
-        redis.call('HSET', KEYS[K + 3], field, with_head(raw, flags, halves(at)))
+        redis.call('HSET', KEYS[K], field, with_head(raw, flags, halves(at)))
       end
     end
   end
   if #pruned > 0 then hdel_all(pruned) end
-  if migrated then redis.call('DEL', KEYS[K + 5], KEYS[K + 6]) end
+  if migrated then redis.call('DEL', dkey('ended'), dkey('alive')) end
   exact_next = next_due(first_live, first_ended)
   results[di + 1] = {expired, finish_doc()}
 end

@@ -14,7 +14,7 @@ begin_doc(0, ARGV[5])
 local problems = {}
 local function say(msg) problems[#problems + 1] = msg end
 
-local records = redis.call('HGETALL', KEYS[K + 3])
+local records = redis.call('HGETALL', KEYS[K])
 local want_live = {}      -- user -> live sessions
 local nlive = 0
 local first_live, first_ended = nil, nil
@@ -32,7 +32,7 @@ for i = 1, #records, 2 do
   end
 end
 
-local users = redis.call('SMEMBERS', KEYS[K + 1])
+local users = redis.call('SMEMBERS', users_key())
 local in_set = {}
 for _, u in ipairs(users) do
   in_set[u] = true
@@ -43,11 +43,11 @@ for u, n in pairs(want_live) do
   nwant = nwant + 1
   if not in_set[u] then say('user ' .. u .. ' has ' .. n .. ' live session(s) but is not in the users set') end
 end
-local count = redis.call('GET', KEYS[K + 2])
+local count = redis.call('GET', dkey('count'))
 if (tonumber(count) or 0) ~= #users or (count and #users == 0) then
   say('count is ' .. tostring(count) .. ' but the users set has ' .. #users)
 end
-local live = redis.call('HGETALL', KEYS[K + 4])
+local live = redis.call('HGETALL', live_key())
 local had_live = 0
 local seen = {}
 for i = 1, #live, 2 do
@@ -66,17 +66,17 @@ if ttl > 0 and nlive > 0 and not redis.call('ZSCORE', KEYS[1], doc) then
 end
 
 if fix and #problems > 0 then
-  redis.call('DEL', KEYS[K + 1], KEYS[K + 4])
+  redis.call('DEL', users_key(), live_key())
   for u, n in pairs(want_live) do
-    redis.call('SADD', KEYS[K + 1], u)
-    redis.call('HSET', KEYS[K + 4], u, n)
+    redis.call('SADD', users_key(), u)
+    redis.call('HSET', live_key(), u, n)
   end
   d_users, d_sessions = nwant - #users, nlive - had_live
   if nwant > 0 then
-    redis.call('PERSIST', KEYS[K + 3])
-    redis.call('PERSIST', KEYS[K + 5])
+    redis.call('PERSIST', KEYS[K])
+    redis.call('PERSIST', dkey('ended'))
   end
-  present = redis.call('SCARD', KEYS[K + 1])
+  present = redis.call('SCARD', users_key())
   before = -1 -- make finish_doc() rewrite the count and the indexes
   exact_next = next_due(first_live, first_ended)
   with_globals(finish_doc)
