@@ -260,7 +260,7 @@ impl Applier {
         for d in docs {
             packed.clear();
             pack_sessions(&d.sessions, &mut packed);
-            cmd.arg(&d.doc).arg(d.sessions.len()).arg(&packed[..]);
+            cmd.arg(&d.doc).arg(&packed[..]);
         }
         cmd
     }
@@ -391,10 +391,16 @@ pub fn id_hash(id: &str) -> u32 {
     crate::shard::fnv1a32(id.as_bytes())
 }
 
-/// A document's sessions as `apply.lua` reads them: one string, one session after the other (the
-/// layout is documented in its header; every number big-endian, a u64 as its two u32 halves).
+/// A document's sessions as `apply.lua` reads them: one string, their number, their fields, then
+/// the sessions one after the other (the layout is documented in its header; every number
+/// big-endian, a u64 as its two u32 halves).
 fn pack_sessions(sessions: &[SessionUpdate], b: &mut Vec<u8>) {
     b.reserve(sessions.len() * 128);
+    put_len(b, sessions.len());
+    for s in sessions {
+        put_len(b, s.field.len());
+        b.extend_from_slice(s.field.as_bytes());
+    }
     for s in sessions {
         let entry = s.version.sid.text();
         let mut flags = u8::from(s.live);
@@ -417,8 +423,6 @@ fn pack_sessions(sessions: &[SessionUpdate], b: &mut Vec<u8>) {
         put_len(b, s.event_id.len());
         // SAFETY of the cast: `<u64>-<u64>` has at most 41 characters.
         b.push(entry.as_bytes().len() as u8);
-        put_len(b, s.field.len());
-        b.extend_from_slice(s.field.as_bytes());
         if let Some((v, m)) = &s.meta {
             put_version(b, v);
             if let Some(m) = m {

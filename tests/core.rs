@@ -934,3 +934,41 @@ async fn records_without_a_time_expire_by_their_index_score() {
     assert_eq!((silent.live, silent.expired), (false, true));
     assert!(s.sessions[0].last_change_ms >= Some(now_ms as i64));
 }
+
+/// A session that fails in the middle of a document's step (a value someone else wrote where the
+/// worker counts a user's live sessions) leaves the sessions before it applied exactly once: their
+/// records are written with the membership they changed, so a retry finds them done.
+#[tokio::test]
+async fn a_session_failing_midway_leaves_the_ones_before_it_applied_once() {
+    use presence_worker::apply::Applier;
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let live_key = Keys::new("sessions").doc("d").live;
+    let _: () = common::query(&mut con, &["HSET", &live_key, "b", "not a number"]).await;
+    let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
+    let batch = [
+        (StreamId::new(1, 0), ev(EventType::Join, "d", "a", None)),
+        (StreamId::new(2, 0), ev(EventType::Join, "d", "b", None)),
+    ];
+    let docs = coalesce(&batch);
+    assert_eq!(docs.len(), 1);
+    assert_eq!(docs[0].sessions.len(), 2, "one step of two sessions");
+    for _ in 0..2 {
+        let err = applier.apply(&mut con, &docs).await.expect_err("b fails");
+        assert!(err.to_string().contains("not an integer"), "{err}");
+    }
+    let a_live: i64 = common::query(&mut con, &["HGET", &live_key, "a"]).await;
+    assert_eq!(a_live, 1, "a's join counted once over two attempts");
+    assert_eq!(live_sessions(&mut con).await, 1);
+    assert_eq!(state(&mut con, "d").await.users, ["a"]);
+    // Once the value is gone, b applies, and a is not counted again.
+    let _: () = common::query(&mut con, &["HDEL", &live_key, "b"]).await;
+    applier.apply(&mut con, &docs).await.unwrap();
+    let a_live: i64 = common::query(&mut con, &["HGET", &live_key, "a"]).await;
+    assert_eq!(a_live, 1);
+    assert_eq!(live_sessions(&mut con).await, 2);
+    assert_eq!(state(&mut con, "d").await.users, ["a", "b"]);
+}

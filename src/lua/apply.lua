@@ -1,14 +1,13 @@
 -- apply.lua: applies the coalesced events of several documents, each in one atomic step.
 -- (common.lua is prepended: it documents KEYS, ARGV[1..3] and the session record.)
 --
--- ARGV[4] number of documents; then per document three arguments: its id, its number of
--- sessions, and its sessions packed in one string (struct.pack, big-endian; every u64 as two u32
--- halves, hi then lo), one after the other:
+-- ARGV[4] number of documents; then per document two arguments: its id, and its sessions packed
+-- in one string (struct.pack, big-endian; every u64 as two u32 halves, hi then lo): their number
+-- (u32), their fields (each a u32 length, then its bytes), then the sessions one after the other:
 --   flags (u8): 1 live, 2 has a seq, 8 writes meta, 16 that write has a seq, 32 it sets meta
 --     (else it clears it)
 --   seq (u64, 0 without), stream id ms and sequence (u64 each), event id hash (u32)
 --   user length (u32: the user is the field's prefix), event id length (u32), entry id length (u8)
---   field (u32 length, then its bytes)
 --   with flag 8: the meta write's seq, stream id ms and sequence (u64 each) and, with flag 32,
 --     the meta bytes (u32 length, then the bytes)
 --   the event id, then the entry id (`<ms>-<seq>`): read only for a snapshot request's cause.
@@ -17,10 +16,15 @@
 -- ('0' applied, '1' stale, '2' duplicate: the same event as the winner), and the reason of the
 -- snapshot request queued (''). (Flat: Redis converts each nested Lua table of a reply with
 -- several lookups.)
+--
+-- A document's records are read with one HMGET and written with one HSET (each command a script
+-- calls costs Redis about as much again as its own work: the arguments and the reply converted,
+-- the command looked up and checked); a document of one session takes HGET and HSET.
 
-local SESSION = '>BI4I4I4I4I4I4I4I4I4BI4c0'
+local SESSION = '>BI4I4I4I4I4I4I4I4I4B'
 local META_WRITE = '>I4I4I4I4I4I4'
 local BYTES = '>I4c0'
+local COUNT = '>I4'
 -- A session record's head (marker, flags, time), version and event id hash (see common.lua):
 -- without seq or with, with a 32-bit stream id sequence or a 64-bit one.
 local R, RQ, RW, RQW = '>BBI2I4I4I4I4I4', '>BBI2I4I4I4I4I4I4I4', '>BBI2I4I4I4I4I4I4',
@@ -30,17 +34,40 @@ local OUTCOME = {[0] = '0', [1] = '1', [2] = '2'}
 
 local a = 5
 local results = {}
+
+-- The records of the document's sessions computed but not yet written (field, record, ...; w of
+-- them), for the sessions hash wkey. A document of several sessions writes them all with one
+-- HSET after its sessions, and also when a later session fails the step (write_records runs
+-- then too: a session whose membership changed must have its record, or the retry would
+-- change it again).
+local writes, w, wkey = nil, 0, nil
+local function write_records()
+  if w > 0 then
+    in_chunks('HSET', wkey, writes, 2)
+  end
+  writes, w = nil, 0
+end
+
 local function apply_doc(di)
   begin_doc(di, ARGV[a])
-  local n = tonumber(ARGV[a + 1])
-  local packed = ARGV[a + 2]
-  a = a + 3
-  local p = 1
+  local packed = ARGV[a + 1]
+  a = a + 2
+  local n, p = sunpack(COUNT, packed)
+  -- One session: its field and record; several: all fields and records (and writes, above).
+  local field, raw, fields, raws
+  if n == 1 then
+    field, p = sunpack(BYTES, packed, p)
+    raw = rcall('HGET', KEYS[K], field)
+  else
+    fields, writes, w, wkey = {}, {}, 0, KEYS[K]
+    for k = 1, n do fields[k], p = sunpack(BYTES, packed, p) end
+    raws = in_chunks('HMGET', KEYS[K], fields, 1)
+  end
   local out = {}
   for k = 1, n do
-    local lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field
-    lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, field, p = sunpack(SESSION, packed, p)
-    local raw = rcall('HGET', KEYS[K], field)
+    local lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen
+    lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, p = sunpack(SESSION, packed, p)
+    if fields then field, raw = fields[k], raws[k] end
     -- The stored flags, time and version (rq: it has a seq), its event id hash, and where the
     -- rest begins.
     local rf, rt, rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = 0, nil, false, 0, 0, 0, 0, 0, 0, nil, 1
@@ -142,14 +169,19 @@ local function apply_doc(di)
         head = spack(RW, MARKER, rf, th, tl, rmh, rml, rsh, rsl, rih)
       end
       if not tail then tail = raw and ssub(raw, rp) or '' end
-      rcall('HSET', KEYS[K], field, head .. tail)
+      if writes then
+        writes[w + 1], writes[w + 2], w = field, head .. tail, w + 2
+      else
+        rcall('HSET', KEYS[K], field, head .. tail)
+      end
     end
     p = p + idlen + elen
   end
+  write_records()
   results[2 * di + 1] = table.concat(out)
   results[2 * di + 2] = finish_doc()
 end
-with_globals(function()
+with_globals(write_records, function()
   for di = 0, tonumber(ARGV[4]) - 1 do apply_doc(di) end
 end)
 return results

@@ -122,6 +122,22 @@ local function live_key()
   return k_live
 end
 
+-- Calls `cmd` on `key` with the arguments in `list`, a few thousand at a time (unpack's limit),
+-- groups of `per` kept together; returns the replies' elements in one table (a command that
+-- replies with an array).
+local function in_chunks(cmd, key, list, per)
+  local step = 4000 - 4000 % per
+  if #list <= step then return rcall(cmd, key, unpack(list)) end
+  local out = {}
+  for i = 1, #list, step do
+    local reply = rcall(cmd, key, unpack(list, i, math.min(i + step - 1, #list)))
+    if type(reply) == 'table' then
+      for _, v in ipairs(reply) do out[#out + 1] = v end
+    end
+  end
+  return out
+end
+
 -- Reads the document's count before this step, once.
 local function load_count()
   if present == nil then
@@ -383,12 +399,15 @@ end
 -- Runs body() and then writes the totals and global indexes it changed, also when it fails (a
 -- key of the wrong type in a later document): Lua scripts do not roll back, so the documents
 -- already changed stay changed and their totals must count them (the retry finds them stale).
+-- When body() fails, on_failure() (if any) runs first: it writes what the failed step changed
+-- but had not written yet.
 -- (xpcall with a handler that keeps the error as it is: Redis's pcall would turn the error of a
 -- redis.call into a plain string, and the reply would lose its code, WRONGTYPE becoming ERR.)
 local function keep_error(e) return e end
 
-local function with_globals(body)
+local function with_globals(on_failure, body)
   local ok, err = xpcall(body, keep_error)
+  if not ok and on_failure then on_failure() end
   flush_globals()
   if not ok then error(err, 0) end
 end

@@ -16,13 +16,6 @@ local prune_before = now - history
 local max = tonumber(ARGV[5])
 local results = {}
 
--- Deletes `fields` of the sessions hash, a few thousand per call (unpack's limit).
-local function hdel_all(fields)
-  for i = 1, #fields, 4000 do
-    redis.call('HDEL', KEYS[K], unpack(fields, i, math.min(i + 3999, #fields)))
-  end
-end
-
 local function expire_doc(di)
   begin_doc(di, ARGV[6 + di])
   left_reason, cause_event, cause_entry = 'expired', 'expiry', ''
@@ -59,12 +52,12 @@ local function expire_doc(di)
       end
     end
   end
-  if #pruned > 0 then hdel_all(pruned) end
+  if #pruned > 0 then in_chunks('HDEL', KEYS[K], pruned, 1) end
   if migrated then redis.call('DEL', dkey('ended'), dkey('alive')) end
   exact_next = next_due(first_live, first_ended)
   results[di + 1] = {expired, finish_doc()}
 end
-with_globals(function()
+with_globals(nil, function()
   for di = 0, tonumber(ARGV[4]) - 1 do expire_doc(di) end
 end)
 return results

@@ -79,6 +79,6 @@ if fix and #problems > 0 then
   present = redis.call('SCARD', users_key())
   before = -1 -- make finish_doc() rewrite the count and the indexes
   exact_next = next_due(first_live, first_ended)
-  with_globals(finish_doc)
+  with_globals(nil, finish_doc)
 end
 return problems
