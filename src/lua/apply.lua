@@ -31,6 +31,8 @@ local R, RQ, RW, RQW = '>BBI2I4I4I4I4I4', '>BBI2I4I4I4I4I4I4I4', '>BBI2I4I4I4I4I
   '>BBI2I4I4I4I4I4I4I4I4'
 
 local OUTCOME = {[0] = '0', [1] = '1', [2] = '2'}
+-- The length of a record with flags 1 (see the refresh in apply_doc): head, version, hash.
+local PLAIN = HEAD_LEN + 16
 
 local a = 5
 local results = {}
@@ -46,6 +48,124 @@ local function write_records()
     in_chunks('HSET', wkey, writes, 2)
   end
   writes, w = nil, 0
+end
+
+-- Writes a session's record: now (a document of one session) or with the document's others.
+local function put(field, record)
+  if writes then
+    writes[w + 1], writes[w + 2], w = field, record, w + 2
+  else
+    rcall('HSET', KEYS[K], field, record)
+  end
+end
+
+-- Applies one session's event (unpacked from `packed`, read up to p) to its stored record `raw`
+-- (false: none). Returns its outcome code and where the event's ids begin in `packed`.
+local function apply_session(packed, p, field, raw, lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen,
+    elen)
+  -- The stored flags, time and version (rq: it has a seq), its event id hash, and where the
+  -- rest begins.
+  local rf, rt, rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = 0, nil, false, 0, 0, 0, 0, 0, 0, nil, 1
+  if raw then
+    local first, flags = sbyte(raw, 1, 2)
+    local current = first == MARKER
+    if not current then raw, flags = load_record(raw) end
+    -- Head and version in one go (a record of an earlier layout has no time: rt stays nil).
+    local th, tl, _m
+    rq = flags % 4 >= 2
+    if flags % 64 < 32 then
+      if rq then
+        _m, rf, th, tl, rqh, rql, rmh, rml, rsl, rih, rp = sunpack(RQ, raw)
+      else
+        _m, rf, th, tl, rmh, rml, rsl, rih, rp = sunpack(R, raw)
+      end
+    elseif rq then
+      _m, rf, th, tl, rqh, rql, rmh, rml, rsh, rsl, rih, rp = sunpack(RQW, raw)
+    else
+      _m, rf, th, tl, rmh, rml, rsh, rsl, rih, rp = sunpack(RW, raw)
+    end
+    if current then rt = th * TWO32 + tl end
+  end
+  local was_live = rf % 2 == 1
+  local dirty = false
+  local outcome = 1
+  -- Is the event newer than the stored version? (newer() inline when neither has a seq: the
+  -- later stream entry wins.)
+  local lq, win = lf % 4 >= 2, true
+  if not raw then
+    win = true
+  elseif lq or rq then
+    win = newer(lq, qh, ql, mh, ml, sh, sl, rq, rqh, rql, rmh, rml, rsh, rsl)
+  elseif mh ~= rmh then
+    win = mh > rmh
+  elseif ml ~= rml then
+    win = ml > rml
+  elseif sh ~= rsh then
+    win = sh > rsh
+  else
+    win = sl > rsl
+  end
+  if win then
+    outcome = (rih == lih) and 2 or 0
+    -- The new liveness, seq and sequence width; not expired; the meta flags kept.
+    rf = (rf - rf % 64) + (rf % 32 - rf % 8) + lf % 4 + (sh > 0 and 32 or 0)
+    rqh, rql, rmh, rml, rsh, rsl, rih = qh, ql, mh, ml, sh, sl, lih
+    dirty = true
+  elseif rih == lih then
+    outcome = 2
+  end
+  -- What follows the version in the record (meta version and meta), when it changes.
+  local tail = nil
+  if lf % 16 >= 8 then
+    local mqh, mql, mmh, mml, msh, msl
+    mqh, mql, mmh, mml, msh, msl, p = sunpack(META_WRITE, packed, p)
+    local meta = ''
+    if lf >= 32 then meta, p = sunpack(BYTES, packed, p) end
+    local mq = lf % 32 >= 16
+    local mnewer = rf % 16 < 8
+    if not mnewer then
+      local q2 = rf % 32 >= 16
+      local qh2, ql2, mh2, ml2, sh2, sl2 = unpack_version(raw, rp, q2, rf >= 64)
+      mnewer = newer(mq, mqh, mql, mmh, mml, msh, msl, q2, qh2, ql2, mh2, ml2, sh2, sl2)
+    end
+    if mnewer then
+      tail = pack_version(mq, mqh, mql, mmh, mml, msh, msl) .. meta
+      rf = rf % 8 + (rf % 64 - rf % 32) + 8 + (mq and 16 or 0) + (msh > 0 and 64 or 0)
+      dirty = true
+    end
+  end
+  if dirty then
+    cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
+    -- The record's time: now when the session is refreshed or ends; else (a stale event that
+    -- only brought newer meta, which does not refresh the session) the time it had.
+    local th, tl = now_hi, now_lo
+    if rf % 2 == 1 then
+      if outcome ~= 1 then
+        session_live(not was_live and ssub(field, 1, ulen), was_live)
+      else
+        th, tl = halves(rt or indexed_time(field, true))
+      end
+    elseif was_live or outcome == 0 then
+      session_ended(was_live and ssub(field, 1, ulen), was_live)
+    else
+      th, tl = halves(rt or indexed_time(field, false))
+    end
+    local head
+    if rf % 64 < 32 then
+      if rf % 4 >= 2 then
+        head = spack(RQ, MARKER, rf, th, tl, rqh, rql, rmh, rml, rsl, rih)
+      else
+        head = spack(R, MARKER, rf, th, tl, rmh, rml, rsl, rih)
+      end
+    elseif rf % 4 >= 2 then
+      head = spack(RQW, MARKER, rf, th, tl, rqh, rql, rmh, rml, rsh, rsl, rih)
+    else
+      head = spack(RW, MARKER, rf, th, tl, rmh, rml, rsh, rsl, rih)
+    end
+    if not tail then tail = raw and ssub(raw, rp) or '' end
+    put(field, head .. tail)
+  end
+  return OUTCOME[outcome], p
 end
 
 local function apply_doc(di)
@@ -68,113 +188,35 @@ local function apply_doc(di)
     local lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen
     lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, p = sunpack(SESSION, packed, p)
     if fields then field, raw = fields[k], raws[k] end
-    -- The stored flags, time and version (rq: it has a seq), its event id hash, and where the
-    -- rest begins.
-    local rf, rt, rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = 0, nil, false, 0, 0, 0, 0, 0, 0, nil, 1
-    if raw then
-      local first, flags = sbyte(raw, 1, 2)
-      local current = first == MARKER
-      if not current then raw, flags = load_record(raw) end
-      -- Head and version in one go (a record of an earlier layout has no time: rt stays nil).
-      local th, tl, _m
-      rq = flags % 4 >= 2
-      if flags % 64 < 32 then
-        if rq then
-          _m, rf, th, tl, rqh, rql, rmh, rml, rsl, rih, rp = sunpack(RQ, raw)
+    local code = nil
+    -- The common case, a refresh, in a few steps (apply_session gives the same): a live event
+    -- without seq nor meta (flags 1, a 32-bit stream id sequence) and a record of the current
+    -- layout, live, without seq, meta nor 64-bit sequence (flags 1, nothing after its hash).
+    if lf == 1 and sh == 0 and raw and #raw == PLAIN then
+      local m, f, _, _, rmh, rml, rsl, rih = sunpack(R, raw)
+      if m == MARKER and f == 1 then
+        local win
+        if mh ~= rmh then
+          win = mh > rmh
+        elseif ml ~= rml then
+          win = ml > rml
         else
-          _m, rf, th, tl, rmh, rml, rsl, rih, rp = sunpack(R, raw)
+          win = sl > rsl
         end
-      elseif rq then
-        _m, rf, th, tl, rqh, rql, rmh, rml, rsh, rsl, rih, rp = sunpack(RQW, raw)
-      else
-        _m, rf, th, tl, rmh, rml, rsh, rsl, rih, rp = sunpack(RW, raw)
-      end
-      if current then rt = th * TWO32 + tl end
-    end
-    local was_live = rf % 2 == 1
-    local dirty = false
-    local outcome = 1
-    -- Is the event newer than the stored version? (newer() inline when neither has a seq: the
-    -- later stream entry wins.)
-    local lq, win = lf % 4 >= 2, true
-    if not raw then
-      win = true
-    elseif lq or rq then
-      win = newer(lq, qh, ql, mh, ml, sh, sl, rq, rqh, rql, rmh, rml, rsh, rsl)
-    elseif mh ~= rmh then
-      win = mh > rmh
-    elseif ml ~= rml then
-      win = ml > rml
-    elseif sh ~= rsh then
-      win = sh > rsh
-    else
-      win = sl > rsl
-    end
-    if win then
-      outcome = (rih == lih) and 2 or 0
-      -- The new liveness, seq and sequence width; not expired; the meta flags kept.
-      rf = (rf - rf % 64) + (rf % 32 - rf % 8) + lf % 4 + (sh > 0 and 32 or 0)
-      rqh, rql, rmh, rml, rsh, rsl, rih = qh, ql, mh, ml, sh, sl, lih
-      dirty = true
-    elseif rih == lih then
-      outcome = 2
-    end
-    -- What follows the version in the record (meta version and meta), when it changes.
-    local tail = nil
-    if lf % 16 >= 8 then
-      local mqh, mql, mmh, mml, msh, msl
-      mqh, mql, mmh, mml, msh, msl, p = sunpack(META_WRITE, packed, p)
-      local meta = ''
-      if lf >= 32 then meta, p = sunpack(BYTES, packed, p) end
-      local mq = lf % 32 >= 16
-      local mnewer = rf % 16 < 8
-      if not mnewer then
-        local q2 = rf % 32 >= 16
-        local qh2, ql2, mh2, ml2, sh2, sl2 = unpack_version(raw, rp, q2, rf >= 64)
-        mnewer = newer(mq, mqh, mql, mmh, mml, msh, msl, q2, qh2, ql2, mh2, ml2, sh2, sl2)
-      end
-      if mnewer then
-        tail = pack_version(mq, mqh, mql, mmh, mml, msh, msl) .. meta
-        rf = rf % 8 + (rf % 64 - rf % 32) + 8 + (mq and 16 or 0) + (msh > 0 and 64 or 0)
-        dirty = true
-      end
-    end
-    out[k] = OUTCOME[outcome]
-    if dirty then
-      cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
-      -- The record's time: now when the session is refreshed or ends; else (a stale event that
-      -- only brought newer meta, which does not refresh the session) the time it had.
-      local th, tl = now_hi, now_lo
-      if rf % 2 == 1 then
-        if outcome ~= 1 then
-          session_live(not was_live and ssub(field, 1, ulen), was_live)
+        if win then
+          code = rih == lih and '2' or '0'
+          cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
+          put(field, spack(R, MARKER, 1, now_hi, now_lo, mh, ml, sl, lih))
         else
-          th, tl = halves(rt or indexed_time(field, true))
+          code = rih == lih and '2' or '1'
         end
-      elseif was_live or outcome == 0 then
-        session_ended(was_live and ssub(field, 1, ulen), was_live)
-      else
-        th, tl = halves(rt or indexed_time(field, false))
-      end
-      local head
-      if rf % 64 < 32 then
-        if rf % 4 >= 2 then
-          head = spack(RQ, MARKER, rf, th, tl, rqh, rql, rmh, rml, rsl, rih)
-        else
-          head = spack(R, MARKER, rf, th, tl, rmh, rml, rsl, rih)
-        end
-      elseif rf % 4 >= 2 then
-        head = spack(RQW, MARKER, rf, th, tl, rqh, rql, rmh, rml, rsh, rsl, rih)
-      else
-        head = spack(RW, MARKER, rf, th, tl, rmh, rml, rsh, rsl, rih)
-      end
-      if not tail then tail = raw and ssub(raw, rp) or '' end
-      if writes then
-        writes[w + 1], writes[w + 2], w = field, head .. tail, w + 2
-      else
-        rcall('HSET', KEYS[K], field, head .. tail)
       end
     end
+    if not code then
+      code, p = apply_session(packed, p, field, raw, lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen,
+        elen)
+    end
+    out[k] = code
     p = p + idlen + elen
   end
   write_records()
