@@ -67,9 +67,6 @@ pub struct Applier {
     claim_due: Script,
     keys: Keys,
     options: Vec<u8>,
-    /// Whether snapshot requests can be emitted: only then are the events' ids sent to the
-    /// script (a request names its cause), about half of what a session takes on the wire.
-    causes: bool,
     history_ms: u64,
     ttl_ms: u64,
 }
@@ -93,7 +90,6 @@ impl Applier {
             expire: Script::new(EXPIRE_LUA),
             claim_due: Script::new(CLAIM_DUE_LUA),
             options: snapshots.script_options(&keys.channel_prefix()),
-            causes: snapshots.enabled(),
             keys,
             history_ms,
             ttl_ms,
@@ -263,7 +259,7 @@ impl Applier {
         let mut packed = Vec::new();
         for d in docs {
             packed.clear();
-            pack_sessions(&d.sessions, self.causes, &mut packed);
+            pack_sessions(&d.sessions, &mut packed);
             cmd.arg(&d.doc).arg(&packed[..]);
         }
         cmd
@@ -397,9 +393,8 @@ pub fn id_hash(id: &str) -> u32 {
 
 /// A document's sessions as `apply.lua` reads them: one string, their number, their fields, then
 /// the sessions one after the other (the layout is documented in its header; every number
-/// big-endian, a u64 as its two u32 halves). Without `causes`, the event and entry ids (read
-/// only for a snapshot request's cause) are left out: empty.
-fn pack_sessions(sessions: &[SessionUpdate], causes: bool, b: &mut Vec<u8>) {
+/// big-endian, a u64 as its two u32 halves).
+fn pack_sessions(sessions: &[SessionUpdate], b: &mut Vec<u8>) {
     b.reserve(sessions.len() * 128);
     put_len(b, sessions.len());
     for s in sessions {
@@ -408,11 +403,6 @@ fn pack_sessions(sessions: &[SessionUpdate], causes: bool, b: &mut Vec<u8>) {
     }
     for s in sessions {
         let entry = s.version.sid.text();
-        let (event_id, entry) = if causes {
-            (s.event_id.as_bytes(), entry.as_bytes())
-        } else {
-            (&b""[..], &b""[..])
-        };
         let mut flags = u8::from(s.live);
         if s.version.seq.is_some() {
             flags |= 2;
@@ -430,9 +420,9 @@ fn pack_sessions(sessions: &[SessionUpdate], causes: bool, b: &mut Vec<u8>) {
         put_version(b, &s.version);
         b.extend_from_slice(&id_hash(&s.event_id).to_be_bytes());
         put_len(b, s.user.len());
-        put_len(b, event_id.len());
+        put_len(b, s.event_id.len());
         // SAFETY of the cast: `<u64>-<u64>` has at most 41 characters.
-        b.push(entry.len() as u8);
+        b.push(entry.as_bytes().len() as u8);
         if let Some((v, m)) = &s.meta {
             put_version(b, v);
             if let Some(m) = m {
@@ -440,8 +430,8 @@ fn pack_sessions(sessions: &[SessionUpdate], causes: bool, b: &mut Vec<u8>) {
                 b.extend_from_slice(m);
             }
         }
-        b.extend_from_slice(event_id);
-        b.extend_from_slice(entry);
+        b.extend_from_slice(s.event_id.as_bytes());
+        b.extend_from_slice(entry.as_bytes());
     }
 }
 

@@ -10,8 +10,7 @@
 --   user length (u32: the user is the field's prefix), event id length (u32), entry id length (u8)
 --   with flag 8: the meta write's seq, stream id ms and sequence (u64 each) and, with flag 32,
 --     the meta bytes (u32 length, then the bytes)
---   the event id, then the entry id (`<ms>-<seq>`): read only for a snapshot request's cause
---     (both empty when the worker emits no snapshot requests).
+--   the event id, then the entry id (`<ms>-<seq>`): read only for a snapshot request's cause.
 --
 -- Returns one flat array, two strings per document: its outcomes, one character per session
 -- ('0' applied, '1' stale, '2' duplicate: the same event as the winner), and the reason of the
