@@ -346,7 +346,15 @@ async fn sigterm_finishes_the_batch_in_hand_and_a_second_signal_exits_at_once() 
     wait_drained(&mut con, STREAM, "presence").await;
     assert_state(&mut con, "sessions", &model).await;
     signal(&run, "-TERM");
-    assert!(wait_exit(&mut run, Duration::from_secs(10)).success());
+    let status = wait_exit(&mut run, Duration::from_secs(10));
+    if !status.success() {
+        // (Seen once in a full run and never alone: say what the worker said.)
+        use std::io::Read as _;
+        let mut said = String::new();
+        let _ = run.stderr.take().unwrap().read_to_string(&mut said);
+        let tail = &said[said.floor_char_boundary(said.len().saturating_sub(3000))..];
+        panic!("the last run exited with {status:?}; its stderr ends with:\n{tail}");
+    }
 }
 
 /// `bench` at a small size against the test's own server: it prints every figure the
