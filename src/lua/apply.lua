@@ -50,6 +50,15 @@ local function write_records()
   writes, w = nil, 0
 end
 
+-- Is stream entry (mh, ml, sh, sl) later than (rmh, rml, rsh, rsl)? (Versions without a seq: the
+-- later entry wins; newer() in full otherwise.)
+local function later(mh, ml, sh, sl, rmh, rml, rsh, rsl)
+  if mh ~= rmh then return mh > rmh end
+  if ml ~= rml then return ml > rml end
+  if sh ~= rsh then return sh > rsh end
+  return sl > rsl
+end
+
 -- Writes a session's record: now (a document of one session) or with the document's others.
 local function put(field, record)
   if writes then
@@ -89,21 +98,14 @@ local function apply_session(packed, p, field, raw, lf, qh, ql, mh, ml, sh, sl, 
   local was_live = rf % 2 == 1
   local dirty = false
   local outcome = 1
-  -- Is the event newer than the stored version? (newer() inline when neither has a seq: the
-  -- later stream entry wins.)
+  -- Is the event newer than the stored version? (later() when neither has a seq.)
   local lq, win = lf % 4 >= 2, true
   if not raw then
     win = true
   elseif lq or rq then
     win = newer(lq, qh, ql, mh, ml, sh, sl, rq, rqh, rql, rmh, rml, rsh, rsl)
-  elseif mh ~= rmh then
-    win = mh > rmh
-  elseif ml ~= rml then
-    win = ml > rml
-  elseif sh ~= rsh then
-    win = sh > rsh
   else
-    win = sl > rsl
+    win = later(mh, ml, sh, sl, rmh, rml, rsh, rsl)
   end
   if win then
     outcome = (rih == lih) and 2 or 0
@@ -195,15 +197,7 @@ local function apply_doc(di)
     if lf == 1 and sh == 0 and raw and #raw == PLAIN then
       local m, f, _, _, rmh, rml, rsl, rih = sunpack(R, raw)
       if m == MARKER and f == 1 then
-        local win
-        if mh ~= rmh then
-          win = mh > rmh
-        elseif ml ~= rml then
-          win = ml > rml
-        else
-          win = sl > rsl
-        end
-        if win then
+        if later(mh, ml, 0, sl, rmh, rml, 0, rsl) then
           code = rih == lih and '2' or '0'
           cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
           put(field, spack(R, MARKER, 1, now_hi, now_lo, mh, ml, sl, lih))
