@@ -114,11 +114,11 @@ end
 -- The document's users and live keys, named once per step: most steps that use one use it
 -- several times.
 local function users_key()
-  if not k_users then k_users = doc_prefix .. doc .. '}:users' end
+  if not k_users then k_users = dkey('users') end
   return k_users
 end
 local function live_key()
-  if not k_live then k_live = doc_prefix .. doc .. '}:live' end
+  if not k_live then k_live = dkey('live') end
   return k_live
 end
 
