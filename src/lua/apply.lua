@@ -38,14 +38,14 @@ local a = 5
 local results = {}
 
 -- The records of the document's sessions computed but not yet written (field, record, ...; w of
--- them), for the sessions hash wkey. A document of several sessions writes them all with one
+-- them), for its sessions hash KEYS[K]. A document of several sessions writes them all with one
 -- HSET after its sessions, and also when a later session fails the step (write_records runs
 -- then too: a session whose membership changed must have its record, or the retry would
 -- change it again).
-local writes, w, wkey = nil, 0, nil
+local writes, w = nil, 0
 local function write_records()
   if w > 0 then
-    in_chunks('HSET', wkey, writes, 2)
+    in_chunks('HSET', KEYS[K], writes, 2)
   end
   writes, w = nil, 0
 end
@@ -181,7 +181,7 @@ local function apply_doc(di)
     field, p = sunpack(BYTES, packed, p)
     raw = rcall('HGET', KEYS[K], field)
   else
-    fields, writes, w, wkey = {}, {}, 0, KEYS[K]
+    fields, writes, w = {}, {}, 0
     for k = 1, n do fields[k], p = sunpack(BYTES, packed, p) end
     raws = in_chunks('HMGET', KEYS[K], fields, 1)
   end
