@@ -972,3 +972,81 @@ async fn a_session_failing_midway_leaves_the_ones_before_it_applied_once() {
     assert_eq!(live_sessions(&mut con).await, 2);
     assert_eq!(state(&mut con, "d").await.users, ["a", "b"]);
 }
+
+async fn encodings(con: &mut Conn, doc: &str) -> (String, String) {
+    let sessions = format!("sessions:doc:{{{doc}}}:sessions");
+    let live = format!("sessions:doc:{{{doc}}}:live");
+    (
+        common::query(con, &["OBJECT", "ENCODING", &sessions]).await,
+        common::query(con, &["OBJECT", "ENCODING", &live]).await,
+    )
+}
+
+/// A document of 64 present users or more keeps its sessions and live hashes as hash tables
+/// (linear scans of a listpack of hundreds of sessions cost Redis more than the rest of the
+/// step), a small one keeps listpacks, no trace of the conversion is left, and the state is
+/// exact, also once a reload has made the large document's hashes listpacks again.
+#[tokio::test]
+async fn a_large_document_keeps_its_hashes_as_hash_tables() {
+    let server = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--enable-debug-command",
+        "local",
+    ]);
+    let mut con = server.con().await;
+    let mut events = Vec::new();
+    for u in 0..70 {
+        events.push(ev(EventType::Join, "big", &format!("u{u}"), Some("a")));
+    }
+    events.push(ev(EventType::Join, "big", "u0", Some("b")));
+    events.push(ev(EventType::Leave, "big", "u1", Some("a")));
+    for u in 0..5 {
+        events.push(ev(EventType::Join, "small", &format!("u{u}"), None));
+    }
+    publish(&server, &events).await;
+    let w = drain(&server).await;
+    let both = |e: &str| (e.to_owned(), e.to_owned());
+    assert_eq!(encodings(&mut con, "big").await, both("hashtable"));
+    assert_eq!(encodings(&mut con, "small").await, both("listpack"));
+    let s = state(&mut con, "big").await;
+    let want: Vec<String> = (0..70)
+        .filter(|&u| u != 1)
+        .map(|u| format!("u{u}"))
+        .collect();
+    let mut want_sorted = want.clone();
+    want_sorted.sort();
+    assert_eq!(s.users, want_sorted);
+    assert_eq!(s.count, Some(69));
+    assert_eq!(s.sessions.len(), 71, "70 first tabs and u0's second");
+    let live: i64 = common::query(&mut con, &["HGET", "sessions:doc:{big}:live", "u0"]).await;
+    assert_eq!(live, 2, "u0 has two live tabs");
+    let pad: bool = common::query(
+        &mut con,
+        &["HEXISTS", "sessions:doc:{big}:sessions", "\x1f"],
+    )
+    .await;
+    assert!(!pad, "the conversion leaves no field behind");
+
+    // A reload loads hashes this small as listpacks; the next session to go live converts them
+    // again, and membership stays exact.
+    let _: () = common::query(&mut con, &["DEBUG", "RELOAD"]).await;
+    assert_eq!(encodings(&mut con, "big").await, both("listpack"));
+    publish(
+        &server,
+        &[
+            ev(EventType::Leave, "big", "u0", Some("a")),
+            ev(EventType::Join, "big", "u1", Some("a")),
+        ],
+    )
+    .await;
+    wait_drained(&mut con, STREAM, GROUP).await;
+    assert_eq!(encodings(&mut con, "big").await, both("hashtable"));
+    let s = state(&mut con, "big").await;
+    assert_eq!(s.count, Some(70));
+    let live: i64 = common::query(&mut con, &["HGET", "sessions:doc:{big}:live", "u0"]).await;
+    assert_eq!(live, 1, "u0 has one live tab left");
+    w.stop().await;
+}

@@ -259,6 +259,11 @@ async fn the_readme_acl_users_run_the_whole_flow() {
         let ev = Event::new(EventType::Join, "42", user);
         producer.publish(&ev).await.expect("publish as producer");
     }
+    // A document large enough that the worker keeps its hashes as hash tables (OBJECT ENCODING).
+    for u in 0..64 {
+        let ev = Event::new(EventType::Join, "big", format!("u{u}"));
+        producer.publish(&ev).await.expect("publish as producer");
+    }
     let producer_url = url_as(&server, "presence-producer", &users.producer);
     let out = cli(
         &["publish", "join", "--doc", "7", "--user", "carol"],
@@ -293,6 +298,13 @@ async fn the_readme_acl_users_run_the_whole_flow() {
     };
     let w = RunningWorker::spawn(c);
     wait_drained(&mut admin, STREAM, "presence").await;
+    let encoding: String = redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg("sessions:doc:{big}:sessions")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(encoding, "hashtable");
     let stats = w.stats.clone();
     eventually("sessions expire", Duration::from_secs(15), || {
         let stats = stats.clone();
@@ -377,9 +389,9 @@ async fn the_readme_acl_users_run_the_whole_flow() {
         .exec_async(&mut admin)
         .await
         .unwrap();
-    assert!(ops(&["repair"]).contains("1 of 2 documents inconsistent"));
-    assert!(ops(&["repair", "--fix"]).contains("1 of 2 documents fixed"));
-    assert!(ops(&["repair"]).contains("0 of 2 documents inconsistent"));
+    assert!(ops(&["repair"]).contains("1 of 3 documents inconsistent"));
+    assert!(ops(&["repair", "--fix"]).contains("1 of 3 documents fixed"));
+    assert!(ops(&["repair"]).contains("0 of 3 documents inconsistent"));
     assert!(ops(&["dlq", "list"]).contains("1 dead letter(s)"));
     assert!(ops(&["dlq", "replay"]).contains("replayed 1 dead letter(s)"));
     wait_drained(&mut admin, STREAM, "presence").await;
