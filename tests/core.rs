@@ -974,11 +974,10 @@ async fn a_session_failing_midway_leaves_the_ones_before_it_applied_once() {
 }
 
 async fn encodings(con: &mut Conn, doc: &str) -> (String, String) {
-    let sessions = format!("sessions:doc:{{{doc}}}:sessions");
-    let live = format!("sessions:doc:{{{doc}}}:live");
+    let k = Keys::new("sessions").doc(doc);
     (
-        common::query(con, &["OBJECT", "ENCODING", &sessions]).await,
-        common::query(con, &["OBJECT", "ENCODING", &live]).await,
+        common::query(con, &["OBJECT", "ENCODING", &k.sessions]).await,
+        common::query(con, &["OBJECT", "ENCODING", &k.live]).await,
     )
 }
 
@@ -997,6 +996,7 @@ async fn a_large_document_keeps_its_hashes_as_hash_tables() {
         "local",
     ]);
     let mut con = server.con().await;
+    let big = Keys::new("sessions").doc("big");
     let mut events = Vec::new();
     for u in 0..70 {
         events.push(ev(EventType::Join, "big", &format!("u{u}"), Some("a")));
@@ -1012,22 +1012,17 @@ async fn a_large_document_keeps_its_hashes_as_hash_tables() {
     assert_eq!(encodings(&mut con, "big").await, both("hashtable"));
     assert_eq!(encodings(&mut con, "small").await, both("listpack"));
     let s = state(&mut con, "big").await;
-    let want: Vec<String> = (0..70)
+    let mut want: Vec<String> = (0..70)
         .filter(|&u| u != 1)
         .map(|u| format!("u{u}"))
         .collect();
-    let mut want_sorted = want.clone();
-    want_sorted.sort();
-    assert_eq!(s.users, want_sorted);
+    want.sort();
+    assert_eq!(s.users, want);
     assert_eq!(s.count, Some(69));
     assert_eq!(s.sessions.len(), 71, "70 first tabs and u0's second");
-    let live: i64 = common::query(&mut con, &["HGET", "sessions:doc:{big}:live", "u0"]).await;
+    let live: i64 = common::query(&mut con, &["HGET", &big.live, "u0"]).await;
     assert_eq!(live, 2, "u0 has two live tabs");
-    let pad: bool = common::query(
-        &mut con,
-        &["HEXISTS", "sessions:doc:{big}:sessions", "\x1f"],
-    )
-    .await;
+    let pad: bool = common::query(&mut con, &["HEXISTS", &big.sessions, "\x1f"]).await;
     assert!(!pad, "the conversion leaves no field behind");
 
     // A reload loads hashes this small as listpacks; the next session to go live converts them
@@ -1046,7 +1041,7 @@ async fn a_large_document_keeps_its_hashes_as_hash_tables() {
     assert_eq!(encodings(&mut con, "big").await, both("hashtable"));
     let s = state(&mut con, "big").await;
     assert_eq!(s.count, Some(70));
-    let live: i64 = common::query(&mut con, &["HGET", "sessions:doc:{big}:live", "u0"]).await;
+    let live: i64 = common::query(&mut con, &["HGET", &big.live, "u0"]).await;
     assert_eq!(live, 1, "u0 has one live tab left");
     w.stop().await;
 }
