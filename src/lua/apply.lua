@@ -44,14 +44,14 @@ local results = {}
 -- longer than hash-max-listpack-value (64) is written, and never back while it lives: widen()
 -- writes such a value under a field no session can have (user and session are never empty),
 -- then deletes it, in the same atomic step. (A restart loads a small hash as a listpack again:
--- the document's next session to go live converts it again.)
+-- the document's next session to go live converts it again.) Returns whether it converted.
 local LARGE = 64
 local PAD_FIELD, PAD = '\31', string.rep('.', 1024)
 local function widen(key)
-  if rcall('OBJECT', 'ENCODING', key) == 'listpack' then
-    rcall('HSET', key, PAD_FIELD, PAD)
-    rcall('HDEL', key, PAD_FIELD)
-  end
+  if rcall('OBJECT', 'ENCODING', key) ~= 'listpack' then return false end
+  rcall('HSET', key, PAD_FIELD, PAD)
+  rcall('HDEL', key, PAD_FIELD)
+  return true
 end
 
 -- The records of the document's sessions computed but not yet written (field, record, ...; w of
@@ -231,10 +231,11 @@ local function apply_doc(di)
     p = p + idlen + elen
   end
   write_records()
-  if went_live and present and present >= LARGE then
-    widen(KEYS[K])
-    widen(live_key())
-  end
+  -- (went_live: load_count() has set present. The live hash is asked first, and the sessions
+  -- hash only if the live hash was a listpack: the two are widened together, and the sessions
+  -- hash has a field for every user in the live hash, so a live hash too large for a listpack
+  -- comes with a sessions hash too large for one: one OBJECT call per step once widened.)
+  if went_live and present >= LARGE and widen(live_key()) then widen(KEYS[K]) end
   results[2 * di + 1] = table.concat(out)
   results[2 * di + 2] = finish_doc()
 end
