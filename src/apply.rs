@@ -391,48 +391,84 @@ pub fn id_hash(id: &str) -> u32 {
     crate::shard::fnv1a32(id.as_bytes())
 }
 
-/// A document's sessions as `apply.lua` reads them: one string, their number, their fields, then
-/// the sessions one after the other (the layout is documented in its header; every number
-/// big-endian, a u64 as its two u32 halves).
+/// A document's sessions as `apply.lua` reads them: one string, its users (each once), then its
+/// sessions one after the other, each naming its user by number (the layout is documented in
+/// its header; every number big-endian, a u64 as its two u32 halves).
 fn pack_sessions(sessions: &[SessionUpdate], b: &mut Vec<u8>) {
     b.reserve(sessions.len() * 128);
+    // Each session's user, numbered in first-seen order: by a linear search in a document of a
+    // few sessions (most of a batch's), through a map in a larger one.
+    let mut users: Vec<&str> = Vec::with_capacity(sessions.len());
+    let user_of: Vec<usize> = if sessions.len() <= 16 {
+        sessions
+            .iter()
+            .map(|s| {
+                users.iter().position(|&u| u == s.user).unwrap_or_else(|| {
+                    users.push(&s.user);
+                    users.len() - 1
+                })
+            })
+            .collect()
+    } else {
+        let mut index: crate::coalesce::FastMap<&str, usize> = Default::default();
+        sessions
+            .iter()
+            .map(|s| {
+                *index.entry(&s.user).or_insert_with(|| {
+                    users.push(&s.user);
+                    users.len() - 1
+                })
+            })
+            .collect()
+    };
+    put_len(b, users.len());
+    for u in &users {
+        put_len(b, u.len());
+        b.extend_from_slice(u.as_bytes());
+    }
     put_len(b, sessions.len());
-    for s in sessions {
-        put_len(b, s.field.len());
-        b.extend_from_slice(s.field.as_bytes());
+    for (s, &u) in sessions.iter().zip(&user_of) {
+        put_session(b, s, u);
     }
-    for s in sessions {
-        let entry = s.version.sid.text();
-        let mut flags = u8::from(s.live);
-        if s.version.seq.is_some() {
-            flags |= 2;
-        }
-        if let Some((v, m)) = &s.meta {
-            flags |= 8;
-            if v.seq.is_some() {
-                flags |= 16;
-            }
-            if m.is_some() {
-                flags |= 32;
-            }
-        }
-        b.push(flags);
-        put_version(b, &s.version);
-        b.extend_from_slice(&id_hash(&s.event_id).to_be_bytes());
-        put_len(b, s.user.len());
-        put_len(b, s.event_id.len());
-        // SAFETY of the cast: `<u64>-<u64>` has at most 41 characters.
-        b.push(entry.as_bytes().len() as u8);
-        if let Some((v, m)) = &s.meta {
-            put_version(b, v);
-            if let Some(m) = m {
-                put_len(b, m.len());
-                b.extend_from_slice(m);
-            }
-        }
-        b.extend_from_slice(s.event_id.as_bytes());
-        b.extend_from_slice(entry.as_bytes());
+}
+
+/// One session of a document's packed sessions (see [`pack_sessions`]): its user's number (from
+/// 1), its session id, then what the event decides.
+fn put_session(b: &mut Vec<u8>, s: &SessionUpdate, u: usize) {
+    // The field is `<user>\x1f<session>`.
+    let session = &s.field.as_bytes()[s.user.len() + 1..];
+    put_len(b, u + 1);
+    put_len(b, session.len());
+    b.extend_from_slice(session);
+    let entry = s.version.sid.text();
+    let mut flags = u8::from(s.live);
+    if s.version.seq.is_some() {
+        flags |= 2;
     }
+    if let Some((v, m)) = &s.meta {
+        flags |= 8;
+        if v.seq.is_some() {
+            flags |= 16;
+        }
+        if m.is_some() {
+            flags |= 32;
+        }
+    }
+    b.push(flags);
+    put_version(b, &s.version);
+    b.extend_from_slice(&id_hash(&s.event_id).to_be_bytes());
+    put_len(b, s.event_id.len());
+    // SAFETY of the cast: `<u64>-<u64>` has at most 41 characters.
+    b.push(entry.as_bytes().len() as u8);
+    if let Some((v, m)) = &s.meta {
+        put_version(b, v);
+        if let Some(m) = m {
+            put_len(b, m.len());
+            b.extend_from_slice(m);
+        }
+    }
+    b.extend_from_slice(s.event_id.as_bytes());
+    b.extend_from_slice(entry.as_bytes());
 }
 
 /// A version as three u64: seq (0 without one: the flags say), stream id ms and sequence.

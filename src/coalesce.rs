@@ -13,7 +13,7 @@ use crate::keys::session_field;
 use crate::stream_id::StreamId;
 
 /// A map with a fast seeded hasher, for the per-batch indexes.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The order in which events of one session supersede each other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

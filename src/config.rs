@@ -8,6 +8,13 @@ use crate::error::Error;
 use crate::limits::Limits;
 use crate::snapshot::SnapshotConfig;
 
+/// Longest `doc`, `user` or `session` the state can hold (`--max-id-bytes`): a session id is
+/// stored with a u16 length.
+pub const MAX_STORED_ID: usize = 65_535;
+/// Largest `meta` the state can hold (`--max-meta-bytes`): a session record, at most 68 bytes
+/// and its meta, is stored with a u16 length.
+pub const MAX_STORED_META: usize = 65_535 - 68;
+
 /// Where a new consumer group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupStart {
@@ -160,6 +167,15 @@ impl WorkerConfig {
                 "limits too small to accept any event: --max-entry-bytes {} (>= 64), --max-fields {} (>= 2), \
                  --max-id-bytes {} (>= 1), --max-meta-keys {} (>= 1)",
                 l.max_entry_bytes, l.max_fields, l.max_id_len, l.max_meta_keys
+            ));
+        }
+        // A session id and its record are stored with u16 lengths (see `lua/common.lua`): a
+        // record is at most 68 bytes and its meta.
+        if l.max_id_len > MAX_STORED_ID || l.max_meta_bytes > MAX_STORED_META {
+            return bad(format!(
+                "limits too large to store: --max-id-bytes {} (<= {MAX_STORED_ID}), \
+                 --max-meta-bytes {} (<= {MAX_STORED_META})",
+                l.max_id_len, l.max_meta_bytes
             ));
         }
         if self.history < Duration::from_secs(1) {

@@ -58,31 +58,41 @@ pub async fn inspect(con: &mut Conn, keys: &Keys, doc: &str) -> Result<DocState>
         Vec<String>,
         Option<i64>,
         Vec<(String, Vec<u8>)>,
+        Vec<(String, Vec<u8>)>,
         HashMap<String, i64>,
         HashMap<String, i64>,
     );
-    let (mut users, count, raw, alive, ended): Reply = redis::pipe()
+    let (mut users, count, records, raw, alive, ended): Reply = redis::pipe()
         .atomic()
         .smembers(&k.users)
         .get(&k.count)
+        .hgetall(&k.records)
         .hgetall(&k.sessions)
         .zrange_withscores(&k.alive, 0, -1)
         .zrange_withscores(&k.ended, 0, -1)
         .query_async(con)
         .await?;
     users.sort();
-    let mut sessions: Vec<SessionInfo> = raw
-        .into_iter()
-        .filter_map(|(field, rec)| {
-            let mut info = parse_record(&field, &rec)?;
-            if info.last_change_ms.is_none() {
-                // A record of an earlier layout: its time is its score in the index.
-                let times = if info.live { &alive } else { &ended };
-                info.last_change_ms = times.get(&field).copied();
-            }
-            Some(info)
+    // The records hash, and the sessions hash of a document an earlier version wrote and this
+    // one has not touched since (a document has one or the other).
+    let mut sessions: Vec<SessionInfo> = records
+        .iter()
+        .flat_map(|(user, rec)| {
+            entries(rec).filter_map(move |(session, rec)| {
+                parse_record(user, std::str::from_utf8(session).ok()?, rec)
+            })
         })
         .collect();
+    sessions.extend(raw.into_iter().filter_map(|(field, rec)| {
+        let (user, session) = field.split_once(SESSION_SEP)?;
+        let mut info = parse_record(user, session, &rec)?;
+        if info.last_change_ms.is_none() {
+            // A record of an earlier layout: its time is its score in the index.
+            let times = if info.live { &alive } else { &ended };
+            info.last_change_ms = times.get(&field).copied();
+        }
+        Some(info)
+    }));
     sessions.sort_by(|a, b| (&a.user, &a.session).cmp(&(&b.user, &b.session)));
     Ok(DocState {
         users,
@@ -94,10 +104,23 @@ pub async fn inspect(con: &mut Conn, keys: &Keys, doc: &str) -> Result<DocState>
 /// The first byte of a session record of the current layout (a byte MessagePack never uses).
 const RECORD_MARKER: u8 = 0xC1;
 
+/// The entries of a user's value in the records hash (see `lua/common.lua`): each session id and
+/// its record. (A truncated entry ends the list.)
+fn entries(mut rec: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    std::iter::from_fn(move || {
+        let [a, b, c, d] = take::<4>(&mut rec)?;
+        let session_len = usize::from(u16::from_be_bytes([a, b]));
+        let record_len = usize::from(u16::from_be_bytes([c, d]));
+        let (session, rest) = rec.split_at_checked(session_len)?;
+        let (record, rest) = rest.split_at_checked(record_len)?;
+        rec = rest;
+        Some((session, record))
+    })
+}
+
 /// Parses one session record (see `lua/common.lua` for its layout), current or of one of the two
 /// earlier layouts (without the marker and time; a MessagePack map).
-fn parse_record(field: &str, rec: &[u8]) -> Option<SessionInfo> {
-    let (user, session) = field.split_once(SESSION_SEP)?;
+fn parse_record(user: &str, session: &str, rec: &[u8]) -> Option<SessionInfo> {
     let mut info = SessionInfo {
         user: user.to_owned(),
         session: session.to_owned(),

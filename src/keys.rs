@@ -5,8 +5,8 @@
 //! injective: suffixes contain no `}` and end every key, so no document id can name another
 //! document's key or one of the worker's global keys (those never start with `<prefix>:doc:`).
 
-/// Separator between user and session in a session field: a control character, which ids never
-/// contain, so the pair is unambiguous.
+/// Separator between user and session in a session field of the earlier versions' sessions hash:
+/// a control character, which ids never contain, so the pair is unambiguous.
 pub const SESSION_SEP: char = '\u{1f}';
 
 /// The key names of one document.
@@ -16,13 +16,15 @@ pub struct DocKeys {
     pub users: String,
     /// Number of users present, absent when zero (public).
     pub count: String,
-    /// HASH of session records, live and recently ended (internal).
+    /// HASH user -> the records of the user's sessions, live and recently ended (internal).
+    pub records: String,
+    /// HASH of session records by `<user>\x1f<session>` (earlier versions; moved into `records`).
     pub sessions: String,
-    /// HASH user -> number of live sessions (internal).
+    /// HASH user -> number of live sessions (earlier versions).
     pub live: String,
-    /// ZSET of ended sessions by the server time they ended (internal).
+    /// ZSET of ended sessions by the server time they ended (earlier versions).
     pub ended: String,
-    /// ZSET of live sessions by the server time they were last refreshed (internal, expiry).
+    /// ZSET of live sessions by the server time they were last refreshed (earlier versions).
     pub alive: String,
     /// HASH of the latest snapshot request and the threshold arming (public).
     pub snapshot: String,
@@ -34,10 +36,10 @@ pub struct DocKeys {
 
 impl DocKeys {
     /// The one key of this document the document scripts take (after the four global keys): its
-    /// sessions hash. The scripts name the others from it, as `<prefix>:doc:{<doc>}:` and their
+    /// records hash. The scripts name the others from it, as `<prefix>:doc:{<doc>}:` and their
     /// suffix (see `lua/common.lua`).
     pub fn script_key(&self) -> &str {
-        &self.sessions
+        &self.records
     }
 }
 
@@ -199,7 +201,7 @@ impl Keys {
         let mut w = out.writer_for_next_arg();
         // SAFETY of the unwraps: the writer appends to an in-memory buffer, which cannot fail.
         w.write_all(self.doc_base(doc).as_bytes()).unwrap();
-        w.write_all(b"sessions").unwrap();
+        w.write_all(b"records").unwrap();
     }
 
     /// What every key of document `doc` starts with: `<prefix>:doc:{<doc>}:` (the one place the
@@ -214,6 +216,7 @@ impl Keys {
         DocKeys {
             users: format!("{base}users"),
             count: format!("{base}count"),
+            records: format!("{base}records"),
             sessions: format!("{base}sessions"),
             live: format!("{base}live"),
             ended: format!("{base}ended"),
@@ -240,9 +243,13 @@ impl Keys {
         }
     }
 
-    /// The pattern that matches every document's sessions hash (for SCAN).
-    pub fn sessions_pattern(&self) -> String {
-        format!("{}:doc:{{*}}:sessions", self.prefix)
+    /// The patterns that match every document's records hash, and its sessions hash of an
+    /// earlier version (for SCAN).
+    pub fn records_patterns(&self) -> [String; 2] {
+        [
+            format!("{}:doc:{{*}}:records", self.prefix),
+            format!("{}:doc:{{*}}:sessions", self.prefix),
+        ]
     }
 
     /// The document id in one of its key names, if `key` is one.
@@ -260,7 +267,7 @@ impl Keys {
     }
 }
 
-/// The field of a session in the `sessions` hash.
+/// The field of a session in the earlier versions' `sessions` hash.
 pub fn session_field(user: &str, session: &str) -> String {
     let mut f = String::with_capacity(user.len() + 1 + session.len());
     f.push_str(user);
@@ -278,6 +285,7 @@ mod tests {
         let k = Keys::new("sessions").doc("42");
         assert_eq!(k.users, "sessions:doc:{42}:users");
         assert_eq!(k.count, "sessions:doc:{42}:count");
+        assert_eq!(k.records, "sessions:doc:{42}:records");
         assert_eq!(k.sessions, "sessions:doc:{42}:sessions");
         assert_eq!(k.live, "sessions:doc:{42}:live");
         assert_eq!(k.ended, "sessions:doc:{42}:ended");
@@ -330,9 +338,10 @@ mod tests {
             keys.write_doc_script_key(d, &mut written);
             let k = keys.doc(d);
             assert_eq!(written, vec![k.script_key().as_bytes().to_vec()]);
-            // What common.lua's dkey() does: the script key without "sessions", then the suffix.
-            let base = k.script_key().strip_suffix("sessions").unwrap();
+            // What common.lua's dkey() does: the script key without "records", then the suffix.
+            let base = k.script_key().strip_suffix("records").unwrap();
             for (suffix, name) in [
+                ("sessions", &k.sessions),
                 ("users", &k.users),
                 ("count", &k.count),
                 ("live", &k.live),
@@ -350,6 +359,7 @@ mod tests {
     fn doc_of_inverts_the_layout() {
         let keys = Keys::new("sessions");
         for d in ["42", "a}:b", "{x}", "sessions:doc:{y}:users", "}"] {
+            assert_eq!(keys.doc_of(&keys.doc(d).records), Some(d));
             assert_eq!(keys.doc_of(&keys.doc(d).sessions), Some(d));
             assert_eq!(keys.doc_of(&keys.doc(d).users), Some(d));
         }
@@ -374,7 +384,8 @@ mod tests {
         for d in docs {
             let k = keys.doc(d);
             for name in [
-                k.users, k.count, k.sessions, k.live, k.ended, k.alive, k.snapshot, k.outbox,
+                k.users, k.count, k.records, k.sessions, k.live, k.ended, k.alive, k.snapshot,
+                k.outbox,
             ] {
                 assert!(all.insert(name.clone()), "{name} produced twice");
             }

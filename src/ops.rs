@@ -214,7 +214,8 @@ pub async fn repair(
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RepairReport> {
     let mut docs = std::collections::BTreeSet::new();
-    for pattern in [keys.sessions_pattern(), keys.users_pattern()] {
+    let [records, sessions] = keys.records_patterns();
+    for pattern in [records, sessions, keys.users_pattern()] {
         for key in con.scan_match(&pattern).await? {
             if let Some(doc) = keys.doc_of(&key) {
                 docs.insert(doc.to_owned());

@@ -711,7 +711,7 @@ async fn records_of_the_earlier_messagepack_layout_still_apply() {
     assert_eq!(outcome, Outcome::Duplicate);
     let outcome = apply_one(&applier, &mut con, 1002, heartbeat, 8, "ev-8").await;
     assert_eq!(outcome, Outcome::Applied);
-    assert_current_layout(&mut con, "old", "alice\x1ftab").await;
+    assert_current_layout(&mut con, "old", "alice", "tab").await;
     let s = state(&mut con, "old").await;
     let alice = &s.sessions[0];
     assert_eq!(
@@ -864,15 +864,33 @@ async fn live_sessions(con: &mut Conn) -> i64 {
     common::query(con, &["HGET", "sessions:stats", "live_sessions"]).await
 }
 
-/// Asserts that the session record `field` of `doc` is in the current layout (its marker byte).
-async fn assert_current_layout(con: &mut Conn, doc: &str, field: &str) {
+/// Asserts that the record of `user`'s `session` in `doc` was moved into the records hash, in the
+/// current layout (its marker byte), and that the earlier versions' keys are gone.
+async fn assert_current_layout(con: &mut Conn, doc: &str, user: &str, session: &str) {
+    let k = Keys::new("sessions").doc(doc);
     let raw: Vec<u8> = redis::cmd("HGET")
-        .arg(format!("sessions:doc:{{{doc}}}:sessions"))
-        .arg(field)
+        .arg(&k.records)
+        .arg(user)
         .query_async(con)
         .await
         .unwrap();
-    assert_eq!(raw[0], 0xC1, "rewritten in the current layout: {raw:?}");
+    // The user's entries: session length (u16), record length (u16), session, record.
+    let mut rest = &raw[..];
+    let record = loop {
+        assert!(rest.len() >= 4, "no entry for {session:?} in {raw:?}");
+        let sl = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+        let rl = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
+        let (sid, record) = (&rest[4..4 + sl], &rest[4 + sl..4 + sl + rl]);
+        if sid == session.as_bytes() {
+            break record;
+        }
+        rest = &rest[4 + sl + rl..];
+    };
+    assert_eq!(record[0], 0xC1, "rewritten in the current layout: {raw:?}");
+    for old in [&k.sessions, &k.live, &k.alive, &k.ended] {
+        let n: i64 = common::query(con, &["EXISTS", old]).await;
+        assert_eq!(n, 0, "{old} deleted");
+    }
 }
 
 /// Records of the binary layout without a time (the previous version's) still apply: their time
@@ -921,7 +939,7 @@ async fn records_without_a_time_expire_by_their_index_score() {
     hb.id = "c".into();
     let docs = coalesce(&[(StreamId::new(now_ms, 0), hb)]);
     applier.apply(&mut con, &docs).await.unwrap();
-    assert_current_layout(&mut con, "v2", "busy\x1fb").await;
+    assert_current_layout(&mut con, "v2", "busy", "b").await;
 
     let (expired, _) = applier.expire(&mut con, &["v2".to_owned()]).await.unwrap();
     assert_eq!(expired, 1);
@@ -935,9 +953,9 @@ async fn records_without_a_time_expire_by_their_index_score() {
     assert!(s.sessions[0].last_change_ms >= Some(now_ms as i64));
 }
 
-/// A session that fails in the middle of a document's step (a value someone else wrote where the
-/// worker counts a user's live sessions) leaves the sessions before it applied exactly once: their
-/// records are written with the membership they changed, so a retry finds them done.
+/// A session that fails in the middle of a document's step (a damaged record someone else wrote)
+/// leaves the sessions before it applied exactly once: their records are written with the
+/// membership they changed, so a retry finds them done.
 #[tokio::test]
 async fn a_session_failing_midway_leaves_the_ones_before_it_applied_once() {
     use presence_worker::apply::Applier;
@@ -946,8 +964,16 @@ async fn a_session_failing_midway_leaves_the_ones_before_it_applied_once() {
 
     let server = RedisServer::start();
     let mut con = server.con().await;
-    let live_key = Keys::new("sessions").doc("d").live;
-    let _: () = common::query(&mut con, &["HSET", &live_key, "b", "not a number"]).await;
+    let records = Keys::new("sessions").doc("d").records;
+    // b's entry for session b: a one-byte record, too short for any layout.
+    let damaged = b"\x00\x01\x00\x01b\x01";
+    let _: () = redis::cmd("HSET")
+        .arg(&records)
+        .arg("b")
+        .arg(&damaged[..])
+        .query_async(&mut con)
+        .await
+        .unwrap();
     let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
     let batch = [
         (StreamId::new(1, 0), ev(EventType::Join, "d", "a", None)),
@@ -958,33 +984,35 @@ async fn a_session_failing_midway_leaves_the_ones_before_it_applied_once() {
     assert_eq!(docs[0].sessions.len(), 2, "one step of two sessions");
     for _ in 0..2 {
         let err = applier.apply(&mut con, &docs).await.expect_err("b fails");
-        assert!(err.to_string().contains("not an integer"), "{err}");
+        assert!(err.to_string().contains("too short"), "{err}");
     }
-    let a_live: i64 = common::query(&mut con, &["HGET", &live_key, "a"]).await;
-    assert_eq!(a_live, 1, "a's join counted once over two attempts");
-    assert_eq!(live_sessions(&mut con).await, 1);
+    assert_eq!(
+        live_sessions(&mut con).await,
+        1,
+        "a's join counted once over two attempts"
+    );
     assert_eq!(state(&mut con, "d").await.users, ["a"]);
-    // Once the value is gone, b applies, and a is not counted again.
-    let _: () = common::query(&mut con, &["HDEL", &live_key, "b"]).await;
+    // Once the damaged record is gone, b applies, and a is not counted again.
+    let _: () = common::query(&mut con, &["HDEL", &records, "b"]).await;
     applier.apply(&mut con, &docs).await.unwrap();
-    let a_live: i64 = common::query(&mut con, &["HGET", &live_key, "a"]).await;
-    assert_eq!(a_live, 1);
     assert_eq!(live_sessions(&mut con).await, 2);
     assert_eq!(state(&mut con, "d").await.users, ["a", "b"]);
 }
 
-async fn encodings(con: &mut Conn, doc: &str) -> (String, String) {
+async fn encoding(con: &mut Conn, doc: &str) -> String {
     let k = Keys::new("sessions").doc(doc);
-    (
-        common::query(con, &["OBJECT", "ENCODING", &k.sessions]).await,
-        common::query(con, &["OBJECT", "ENCODING", &k.live]).await,
-    )
+    common::query(con, &["OBJECT", "ENCODING", &k.records]).await
 }
 
-/// A document of 64 present users or more keeps its sessions and live hashes as hash tables
-/// (linear scans of a listpack of hundreds of sessions cost Redis more than the rest of the
-/// step), a small one keeps listpacks, no trace of the conversion is left, and the state is
-/// exact, also once a reload has made the large document's hashes listpacks again.
+/// The live sessions of `user` in `s`.
+fn live_tabs(s: &DocState, user: &str) -> usize {
+    s.live_sessions().filter(|x| x.user == user).count()
+}
+
+/// A document of 64 present users or more keeps its records hash as a hash table (linear scans
+/// of a listpack of hundreds of fields cost Redis more than the rest of the step), a small one
+/// keeps a listpack, no trace of the conversion is left, and the state is exact, also once a
+/// reload has made the large document's hash a listpack again.
 #[tokio::test]
 async fn a_large_document_keeps_its_hashes_as_hash_tables() {
     let server = RedisServer::start_with(&[
@@ -1008,9 +1036,8 @@ async fn a_large_document_keeps_its_hashes_as_hash_tables() {
     }
     publish(&server, &events).await;
     let w = drain(&server).await;
-    let both = |e: &str| (e.to_owned(), e.to_owned());
-    assert_eq!(encodings(&mut con, "big").await, both("hashtable"));
-    assert_eq!(encodings(&mut con, "small").await, both("listpack"));
+    assert_eq!(encoding(&mut con, "big").await, "hashtable");
+    assert_eq!(encoding(&mut con, "small").await, "listpack");
     let s = state(&mut con, "big").await;
     let mut want: Vec<String> = (0..70)
         .filter(|&u| u != 1)
@@ -1020,15 +1047,14 @@ async fn a_large_document_keeps_its_hashes_as_hash_tables() {
     assert_eq!(s.users, want);
     assert_eq!(s.count, Some(69));
     assert_eq!(s.sessions.len(), 71, "70 first tabs and u0's second");
-    let live: i64 = common::query(&mut con, &["HGET", &big.live, "u0"]).await;
-    assert_eq!(live, 2, "u0 has two live tabs");
-    let pad: bool = common::query(&mut con, &["HEXISTS", &big.sessions, "\x1f"]).await;
+    assert_eq!(live_tabs(&s, "u0"), 2, "u0 has two live tabs");
+    let pad: bool = common::query(&mut con, &["HEXISTS", &big.records, "\x1f"]).await;
     assert!(!pad, "the conversion leaves no field behind");
 
     // A reload loads hashes this small as listpacks; the next session to go live converts them
     // again, and membership stays exact.
     let _: () = common::query(&mut con, &["DEBUG", "RELOAD"]).await;
-    assert_eq!(encodings(&mut con, "big").await, both("listpack"));
+    assert_eq!(encoding(&mut con, "big").await, "listpack");
     publish(
         &server,
         &[
@@ -1038,10 +1064,124 @@ async fn a_large_document_keeps_its_hashes_as_hash_tables() {
     )
     .await;
     wait_drained(&mut con, STREAM, GROUP).await;
-    assert_eq!(encodings(&mut con, "big").await, both("hashtable"));
+    assert_eq!(encoding(&mut con, "big").await, "hashtable");
     let s = state(&mut con, "big").await;
     assert_eq!(s.count, Some(70));
-    let live: i64 = common::query(&mut con, &["HGET", &big.live, "u0"]).await;
-    assert_eq!(live, 1, "u0 has one live tab left");
+    assert_eq!(live_tabs(&s, "u0"), 1, "u0 has one live tab left");
     w.stop().await;
+}
+
+/// A document the previous version wrote (a sessions hash of one field per session in the current
+/// record layout, a live hash of per-user counts) moves into the records hash the first time a
+/// step touches it, ordering history included: a redelivered event older than an ended session's
+/// leave stays stale, a user with a second live tab stays present when one closes, and a
+/// document nobody is in keeps its history's TTL.
+#[tokio::test]
+async fn a_document_of_the_previous_version_moves_into_the_records_hash() {
+    use presence_worker::apply::{id_hash, Applier};
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let now: (u64, u64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
+    let now_ms = now.0 * 1000 + now.1 / 1000;
+    // Marker, flags (1: live), time (u48), stream id ms (u64) and sequence (u32), id hash.
+    let record = |live: bool, ms: u64, id: &str| {
+        let mut r = vec![0xC1, u8::from(live)];
+        r.extend_from_slice(&now_ms.to_be_bytes()[2..]);
+        r.extend_from_slice(&ms.to_be_bytes());
+        r.extend_from_slice(&0u32.to_be_bytes());
+        r.extend_from_slice(&id_hash(id).to_be_bytes());
+        r
+    };
+    let (prev, gone) = (
+        Keys::new("sessions").doc("prev"),
+        Keys::new("sessions").doc("gone"),
+    );
+    let _: () = redis::pipe()
+        .hset(&prev.sessions, "alice\x1fa", record(true, 5000, "a1"))
+        .hset(&prev.sessions, "alice\x1fb", record(true, 5001, "a2"))
+        .hset(&prev.sessions, "bob\x1fb", record(false, 6000, "b1"))
+        .hset(&prev.live, "alice", 2)
+        .sadd(&prev.users, "alice")
+        .set(&prev.count, 1)
+        .zadd("sessions:expiry", "prev", now_ms + 60_000)
+        .hset(&gone.sessions, "carol\x1fc", record(false, 7000, "c1"))
+        .pexpire(&gone.sessions, 600_000)
+        .hset("sessions:stats", "live_sessions", 2)
+        .hset("sessions:stats", "present_users", 1)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let before = state(&mut con, "prev").await;
+    assert_eq!(before.sessions.len(), 3, "inspect reads the earlier layout");
+    // repair reads it too: consistent, and a dry run moves nothing.
+    let keys = Keys::new("sessions");
+    let report = presence_worker::ops::repair(&mut con, &keys, 600_000, 60_000, false, |_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (report.documents, report.broken.len()),
+        (2, 0),
+        "{report:?}"
+    );
+    let old: i64 = common::query(&mut con, &["EXISTS", &prev.sessions]).await;
+    assert_eq!(old, 1);
+
+    let applier = Applier::new(Keys::new("sessions"), 600_000, 60_000);
+    let batch = [
+        // Older than bob's leave (6000-0): stale.
+        (
+            StreamId::new(5999, 0),
+            ev(EventType::Join, "prev", "bob", Some("b")),
+        ),
+        // Alice closes one of her two tabs.
+        (
+            StreamId::new(5500, 0),
+            ev(EventType::Leave, "prev", "alice", Some("a")),
+        ),
+        // Older than carol's leave (7000-0): stale.
+        (
+            StreamId::new(6999, 0),
+            ev(EventType::Join, "gone", "carol", Some("c")),
+        ),
+    ];
+    let applied = applier.apply(&mut con, &coalesce(&batch)).await.unwrap();
+    use presence_worker::apply::Outcome::{Applied, Stale};
+    let outcomes: Vec<_> = applied.iter().map(|a| a.outcomes.clone()).collect();
+    assert_eq!(outcomes, [vec![Stale, Applied], vec![Stale]]);
+
+    let s = state(&mut con, "prev").await;
+    assert_eq!(s.users, ["alice"]);
+    assert_eq!(s.count, Some(1));
+    let tabs: Vec<(&str, &str, bool)> = s
+        .sessions
+        .iter()
+        .map(|x| (x.user.as_str(), x.session.as_str(), x.live))
+        .collect();
+    assert_eq!(
+        tabs,
+        [
+            ("alice", "a", false),
+            ("alice", "b", true),
+            ("bob", "b", false)
+        ]
+    );
+    assert_eq!(
+        s.sessions[2].entry_id, "6000-0",
+        "bob's leave still decides"
+    );
+    assert_current_layout(&mut con, "prev", "bob", "b").await;
+    assert_current_layout(&mut con, "gone", "carol", "c").await;
+    let g = state(&mut con, "gone").await;
+    assert!(g.users.is_empty() && g.count.is_none(), "{g:?}");
+    let ttl: i64 = common::query(&mut con, &["PTTL", &gone.records]).await;
+    assert!(
+        ttl > 0 && ttl <= 600_000,
+        "the history keeps its TTL: {ttl}"
+    );
+    assert_eq!(live_sessions(&mut con).await, 1);
+    let present: i64 = common::query(&mut con, &["HGET", "sessions:stats", "present_users"]).await;
+    assert_eq!(present, 1);
 }

@@ -129,6 +129,7 @@ async fn crafted_ids_touch_only_their_own_keys() {
         let own = [
             &d.users,
             &d.count,
+            &d.records,
             &d.sessions,
             &d.live,
             &d.ended,
@@ -212,4 +213,23 @@ async fn limits_are_flags_and_over_limit_entries_are_dead_lettered() {
         .await
         .unwrap();
     assert_eq!(users, ["u"]);
+}
+
+/// Limits larger than the state can store (ids and records are kept with 16-bit lengths) are
+/// refused at start, with the flag and its bound named, before anything is read.
+#[test]
+fn limits_the_state_cannot_store_are_refused_at_start() {
+    for (flag, value) in [("--max-id-bytes", "65536"), ("--max-meta-bytes", "65500")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-worker"))
+            .args(["run", "--http-addr", "off", flag, value])
+            .env("REDIS_URL", "redis://127.0.0.1:1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("limits too large to store") && err.contains(&format!("{flag} {value}")),
+            "{err}"
+        );
+    }
 }

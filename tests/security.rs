@@ -300,7 +300,7 @@ async fn the_readme_acl_users_run_the_whole_flow() {
     wait_drained(&mut admin, STREAM, "presence").await;
     let encoding: String = redis::cmd("OBJECT")
         .arg("ENCODING")
-        .arg("sessions:doc:{big}:sessions")
+        .arg("sessions:doc:{big}:records")
         .query_async(&mut admin)
         .await
         .unwrap();

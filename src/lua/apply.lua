@@ -2,12 +2,14 @@
 -- (common.lua is prepended: it documents KEYS, ARGV[1..3] and the session record.)
 --
 -- ARGV[4] number of documents; then per document two arguments: its id, and its sessions packed
--- in one string (struct.pack, big-endian; every u64 as two u32 halves, hi then lo): their number
--- (u32), their fields (each a u32 length, then its bytes), then the sessions one after the other:
+-- in one string (struct.pack, big-endian; every u64 as two u32 halves, hi then lo): the number
+-- of its users (u32), the users (each once: a u32 length, then its bytes), the number of its
+-- sessions (u32), then the sessions one after the other:
+--   the user's number (u32, from 1), the session id (a u32 length, then its bytes)
 --   flags (u8): 1 live, 2 has a seq, 8 writes meta, 16 that write has a seq, 32 it sets meta
 --     (else it clears it)
 --   seq (u64, 0 without), stream id ms and sequence (u64 each), event id hash (u32)
---   user length (u32: the user is the field's prefix), event id length (u32), entry id length (u8)
+--   event id length (u32), entry id length (u8)
 --   with flag 8: the meta write's seq, stream id ms and sequence (u64 each) and, with flag 32,
 --     the meta bytes (u32 length, then the bytes)
 --   the event id, then the entry id (`<ms>-<seq>`): read only for a snapshot request's cause.
@@ -17,11 +19,11 @@
 -- snapshot request queued (''). (Flat: Redis converts each nested Lua table of a reply with
 -- several lookups.)
 --
--- A document's records are read with one HMGET and written with one HSET (each command a script
--- calls costs Redis about as much again as its own work: the arguments and the reply converted,
--- the command looked up and checked); a document of one session takes HGET and HSET.
+-- A document's users' records are read with one HMGET and written with one HSET (each command a
+-- script calls costs Redis about as much again as its own work: the arguments and the reply
+-- converted, the command looked up and checked); a document of one user takes HGET and HSET.
 
-local SESSION = '>BI4I4I4I4I4I4I4I4I4B'
+local SESSION = '>I4I4c0BI4I4I4I4I4I4I4I4B'
 local META_WRITE = '>I4I4I4I4I4I4'
 local BYTES = '>I4c0'
 local COUNT = '>I4'
@@ -33,38 +35,47 @@ local R, RQ, RW, RQW = '>BBI2I4I4I4I4I4', '>BBI2I4I4I4I4I4I4I4', '>BBI2I4I4I4I4I
 local OUTCOME = {[0] = '0', [1] = '1', [2] = '2'}
 -- The length of a record with flags 1 (see the refresh in apply_doc): head, version, hash.
 local PLAIN = HEAD_LEN + 16
+-- A user's records with one entry's plain record rewritten, in one pack: the entries before it,
+-- its head (see common.lua) and session id, the record (R), the entries after it.
+local REFRESHED = '>c0I2I2c0BBI2I4I4I4I4I4c0'
 
 local a = 5
 local results = {}
 
--- A document of at least LARGE present users keeps its sessions and live hashes as hash tables.
--- Redis keeps a hash of up to 512 fields (hash-max-listpack-entries) as a listpack, where every
--- HGET, HMGET field, HSET field and HINCRBY is a linear scan: in a document of a few hundred
--- sessions those scans were a sixth of Redis's work. A hash converts to a hash table when a value
--- longer than hash-max-listpack-value (64) is written, and never back while it lives: widen()
--- writes such a value under a field no session can have (user and session are never empty),
--- then deletes it, in the same atomic step. (A restart loads a small hash as a listpack again:
--- the document's next session to go live converts it again.) Returns whether it converted.
+-- A document of at least LARGE present users keeps its records hash as a hash table. Redis keeps
+-- a hash of up to 512 fields (hash-max-listpack-entries) as a listpack, where every HGET, HMGET
+-- field and HSET field is a linear scan: in documents of a few hundred sessions those scans were
+-- a sixth of Redis's work. A hash converts to a hash table when a value longer than
+-- hash-max-listpack-value (64) is written, and never back while it lives: widen() writes such a
+-- value under a field no user can be (ids contain no control characters), then deletes it, in
+-- the same atomic step. (A restart loads a small hash as a listpack again:
+-- the document's next session to go live converts it again.)
 local LARGE = 64
 local PAD_FIELD, PAD = '\31', string.rep('.', 1024)
 local function widen(key)
-  if rcall('OBJECT', 'ENCODING', key) ~= 'listpack' then return false end
+  if rcall('OBJECT', 'ENCODING', key) ~= 'listpack' then return end
   rcall('HSET', key, PAD_FIELD, PAD)
   rcall('HDEL', key, PAD_FIELD)
-  return true
 end
 
--- The records of the document's sessions computed but not yet written (field, record, ...; w of
--- them), for its sessions hash KEYS[K]. A document of several sessions writes them all with one
--- HSET after its sessions, and also when a later session fails the step (write_records runs
--- then too: a session whose membership changed must have its record, or the retry would
--- change it again).
-local writes, w = nil, 0
+-- The document's users (users[u], each once), their records hash values (recs[u]: false for
+-- none) and which of them changed (touched[u]; nu users). A step writes the changed ones with one
+-- HSET after its sessions, and also when a later session fails the step (write_records runs then
+-- too: a session whose membership changed must have its record, or the retry would change it
+-- again).
+local users, recs, touched, nu = nil, nil, nil, 0
 local function write_records()
-  if w > 0 then
-    in_chunks('HSET', KEYS[K], writes, 2)
+  if not touched then return end
+  if nu == 1 then
+    if touched[1] then rcall('HSET', KEYS[K], users[1], recs[1]) end
+  else
+    local list = {}
+    for u = 1, nu do
+      if touched[u] then list[#list + 1], list[#list + 2] = users[u], recs[u] end
+    end
+    if #list > 0 then in_chunks('HSET', KEYS[K], list, 2) end
   end
-  writes, w = nil, 0
+  touched = nil
 end
 
 -- Is stream entry (mh, ml, sh, sl) later than (rmh, rml, rsh, rsl)? (Versions without a seq: the
@@ -76,25 +87,21 @@ local function later(mh, ml, sh, sl, rmh, rml, rsh, rsl)
   return sl > rsl
 end
 
--- Writes a session's record: now (a document of one session) or with the document's others.
-local function put(field, record)
-  if writes then
-    writes[w + 1], writes[w + 2], w = field, record, w + 2
-  else
-    rcall('HSET', KEYS[K], field, record)
-  end
-end
-
--- Applies one session's event (unpacked from `packed`, read up to p) to its stored record `raw`
--- (false: none). Returns its outcome code and where the event's ids begin in `packed`.
-local function apply_session(packed, p, field, raw, lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen,
-    elen)
+-- Applies one session's event (unpacked from `packed`, read up to p) to the record of session
+-- `sid` of user u, its entry in recs[u] at `pos`, its record from rs to re (pos nil: none).
+-- Returns its outcome code and where the event's ids begin in `packed`.
+local function apply_session(packed, p, u, sid, pos, rs, re, lf, qh, ql, mh, ml, sh, sl, lih,
+    idlen, elen)
+  local rec = recs[u]
+  local raw = pos and ssub(rec, rs, re)
   -- The stored flags, time and version (rq: it has a seq), its event id hash, and where the
   -- rest begins.
   local rf, rt, rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = 0, nil, false, 0, 0, 0, 0, 0, 0, nil, 1
   if raw then
     local first, flags = sbyte(raw, 1, 2)
     local current = first == MARKER
+    -- (Every record in the records hash is of the current layout, as migrate() writes them; a
+    -- damaged one is read as an earlier layout would be, and fails the step if it is none.)
     if not current then raw, flags = load_record(raw) end
     -- Head and version in one go (a record of an earlier layout has no time: rt stays nil).
     local th, tl, _m
@@ -159,15 +166,15 @@ local function apply_session(packed, p, field, raw, lf, qh, ql, mh, ml, sh, sl, 
     -- only brought newer meta, which does not refresh the session) the time it had.
     local th, tl = now_hi, now_lo
     if rf % 2 == 1 then
-      if outcome ~= 1 then
-        session_live(not was_live and ssub(field, 1, ulen), was_live)
-      else
-        th, tl = halves(rt or indexed_time(field, true))
+      if outcome == 1 then
+        th, tl = halves(rt or now)
+      elseif not was_live then
+        session_live(users[u], live_others(rec, pos))
       end
     elseif was_live or outcome == 0 then
-      session_ended(was_live and ssub(field, 1, ulen), was_live)
+      session_ended(users[u], was_live, was_live and live_others(rec, pos))
     else
-      th, tl = halves(rt or indexed_time(field, false))
+      th, tl = halves(rt or now)
     end
     local head
     if rf % 64 < 32 then
@@ -182,60 +189,84 @@ local function apply_session(packed, p, field, raw, lf, qh, ql, mh, ml, sh, sl, 
       head = spack(RW, MARKER, rf, th, tl, rmh, rml, rsh, rsl, rih)
     end
     if not tail then tail = raw and ssub(raw, rp) or '' end
-    put(field, head .. tail)
+    recs[u], touched[u] = put_entry(rec, pos, re, sid, head .. tail), true
   end
   return OUTCOME[outcome], p
+end
+
+-- Reads the records of the step's users (recs, above), once the document is in the records hash
+-- (migrate(): asked only when none of them has a record, as in a document of an earlier
+-- version, which moves whole: once one user has a record, all the document's records moved).
+local function read_records()
+  for _ = 1, 2 do
+    if nu == 1 then
+      recs = {rcall('HGET', KEYS[K], users[1])}
+      if recs[1] then return end
+    else
+      recs = in_chunks('HMGET', KEYS[K], users, 1)
+      for u = 1, nu do
+        if recs[u] then return end
+      end
+    end
+    if not migrate() then return end
+  end
 end
 
 local function apply_doc(di)
   begin_doc(di, ARGV[a])
   local packed = ARGV[a + 1]
   a = a + 2
-  local n, p = sunpack(COUNT, packed)
-  -- One session: its field and record; several: all fields and records (and writes, above).
-  local field, raw, fields, raws
-  if n == 1 then
-    field, p = sunpack(BYTES, packed, p)
-    raw = rcall('HGET', KEYS[K], field)
-  else
-    fields, writes, w = {}, {}, 0
-    for k = 1, n do fields[k], p = sunpack(BYTES, packed, p) end
-    raws = in_chunks('HMGET', KEYS[K], fields, 1)
-  end
+  local p
+  nu, p = sunpack(COUNT, packed)
+  users, touched = {}, {}
+  for u = 1, nu do users[u], p = sunpack(BYTES, packed, p) end
+  read_records()
+  local n
+  n, p = sunpack(COUNT, packed, p)
   local out = {}
   for k = 1, n do
-    local lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen
-    lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen, elen, p = sunpack(SESSION, packed, p)
-    if fields then field, raw = fields[k], raws[k] end
+    local u, sid, lf, qh, ql, mh, ml, sh, sl, lih, idlen, elen
+    u, sid, lf, qh, ql, mh, ml, sh, sl, lih, idlen, elen, p = sunpack(SESSION, packed, p)
+    local rec = recs[u]
+    -- (The user's first entry inline: most users have one or two.)
+    local pos, rs, re = nil, nil, nil
+    if rec then
+      local h1, h2, h3, h4 = sbyte(rec, 1, 4)
+      if h1 * 256 + h2 == #sid and sfind(rec, sid, 5, true) == 5 then
+        pos, rs = 1, 5 + #sid
+        re = rs + h3 * 256 + h4 - 1
+      else
+        pos, rs, re = find_entry(rec, sid)
+      end
+    end
     local code = nil
     -- The common case, a refresh, in a few steps (apply_session gives the same): a live event
     -- without seq nor meta (flags 1, a 32-bit stream id sequence) and a record of the current
-    -- layout, live, without seq, meta nor 64-bit sequence (flags 1, nothing after its hash).
-    if lf == 1 and sh == 0 and raw and #raw == PLAIN then
-      local m, f, _, _, rmh, rml, rsl, rih = sunpack(R, raw)
+    -- layout, live, without seq, meta nor 64-bit sequence (flags 1, nothing after its hash),
+    -- rewritten in place.
+    if lf == 1 and sh == 0 and pos and re - rs + 1 == PLAIN then
+      local m, f, _, _, rmh, rml, rsl, rih = sunpack(R, rec, rs)
       if m == MARKER and f == 1 then
         if later(mh, ml, 0, sl, rmh, rml, 0, rsl) then
           code = rih == lih and '2' or '0'
           cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
-          put(field, spack(R, MARKER, 1, now_hi, now_lo, mh, ml, sl, lih))
+          recs[u] = spack(REFRESHED, ssub(rec, 1, pos - 1), #sid, PLAIN, sid, MARKER, 1, now_hi,
+            now_lo, mh, ml, sl, lih, ssub(rec, re + 1))
+          touched[u] = true
         else
           code = rih == lih and '2' or '1'
         end
       end
     end
     if not code then
-      code, p = apply_session(packed, p, field, raw, lf, qh, ql, mh, ml, sh, sl, lih, ulen, idlen,
-        elen)
+      code, p = apply_session(packed, p, u, sid, pos, rs, re, lf, qh, ql, mh, ml, sh, sl, lih,
+        idlen, elen)
     end
     out[k] = code
     p = p + idlen + elen
   end
   write_records()
-  -- (went_live: load_count() has set present. The live hash is asked first, and the sessions
-  -- hash only if the live hash was a listpack: the two are widened together, and the sessions
-  -- hash has a field for every user in the live hash, so a live hash too large for a listpack
-  -- comes with a sessions hash too large for one: one OBJECT call per step once widened.)
-  if went_live and present >= LARGE and widen(live_key()) then widen(KEYS[K]) end
+  if went_live and present >= LARGE then widen(KEYS[K]) end
   results[2 * di + 1] = table.concat(out)
   results[2 * di + 2] = finish_doc()
 end

@@ -2,26 +2,32 @@
 -- changes a document's membership the same way.
 --
 -- KEYS of every document script: four global keys, then one per document (i = 0, 1, ...), its
--- sessions hash. The document's other keys are named in the script, and only when a step touches
+-- records hash. The document's other keys are named in the script, and only when a step touches
 -- them: dkey(suffix) is ARGV[3]'s cp ("<prefix>:doc:{"), the document id, "}:" and the suffix,
--- as for the sessions hash (users_key() and live_key() are dkey('users') and dkey('live'), named
--- once per step).
+-- as for the records hash (users_key() is dkey('users'), named once per step).
 --   KEYS[1]          expiry    ZSET   document -> server ms it is due for a visit (global)
 --   KEYS[2]          stats     HASH   live_sessions, present_users over all documents (global)
 --   KEYS[3]          top       ZSET   document -> users present, for `top` (global)
 --   KEYS[4]          outboxes  SET    documents whose snapshot outbox is not empty (global)
---   KEYS[4+i+1]      sessions  HASH   "<user>\31<session>" -> session record             (internal)
+--   KEYS[4+i+1]      records   HASH   user -> the user's session records (see below)     (internal)
 --   users_key()      users     SET    users present in the document                     (public)
 --   dkey('count')    count     STRING SCARD of users, absent when 0                      (public)
---   live_key()       live      HASH   user -> number of live sessions                    (internal)
---   dkey('ended')    ended     ZSET   "<user>\31<session>" -> server ms it ended   (earlier versions)
---   dkey('alive')    alive     ZSET   "<user>\31<session>" -> ms of last refresh   (earlier versions)
 --   dkey('snapshot') snapshot  HASH   latest snapshot request and threshold arming      (public)
 --   dkey('outbox')   outbox    LIST   snapshot requests not yet in the snapshot stream  (internal)
--- (One declared key per document, not eight: creating eight key names as Lua strings for every
--- document of every call was 8% of Redis's work, and most steps touch only the sessions hash.
--- The keys named in the script share the declared key's hash slot, which is what Redis Cluster
--- checks.)
+-- and of earlier versions, which migrate() folds into the records hash and deletes:
+--   dkey('sessions') sessions  HASH   "<user>\31<session>" -> session record
+--   dkey('live')     live      HASH   user -> number of live sessions
+--   dkey('ended')    ended     ZSET   "<user>\31<session>" -> server ms it ended
+--   dkey('alive')    alive     ZSET   "<user>\31<session>" -> ms of last refresh
+-- (One declared key per document, not several: creating eight key names as Lua strings for
+-- every document of every call was 8% of Redis's work, and most steps touch only the records
+-- hash. The keys named in the script share the declared key's hash slot, which is what Redis
+-- Cluster checks.)
+--
+-- A user's value in the records hash holds the records of all their sessions in the document,
+-- one entry after the other: the session id's length (u16), the record's length (u16), the
+-- session id, the record. One field per user, not one per session, and no separate per-user
+-- count of live sessions: whether a user has another live session is read from their entries.
 -- ARGV[1] history_ms, ARGV[2] ttl_ms (0: sessions never expire),
 -- ARGV[3] options, a MessagePack map: t (snapshot thresholds, ascending), h (hysteresis),
 --   c (cooldown ms, 0: none), e (1: a request when a document empties), u (most users listed in
@@ -42,23 +48,21 @@
 --   with flag 8, the version of the event that wrote meta last, the same way (flags 16 and 64)
 --   to the end: the meta map (MessagePack bytes); nothing when none (never set, or cleared by a
 --     leave)
--- 24 bytes for a session without seq nor meta. Two earlier layouts are still read, and rewritten
--- in this one when they change: the same without the marker and the time (the first byte is the
--- flags, below 0x80; the time is then the score in `alive` or `ended`), and a MessagePack map
--- (first byte 0x80 to 0x8f: l, m/s, q, i, x, mm/ms/mq, d), which load_record() reads as the same
--- record.
+-- 24 bytes for a session without seq nor meta. The earlier versions' sessions hash holds
+-- records of this layout and of two earlier ones: the same without the marker and the time (the
+-- first byte is the flags, below 0x80; the time is then the score in `alive` or `ended`), and a
+-- MessagePack map (first byte 0x80 to 0x8f: l, m/s, q, i, x, mm/ms/mq, d), which load_record()
+-- reads as the same record. migrate() rewrites them all in this layout, with their times.
 --
 -- The records' times are the only per-session index: a refresh rewrites just the record. A
 -- document is due for a visit (expire.lua) when its earliest live session may be silent for ttl,
 -- or an eighth of the history after its earliest ended session is older than the history; the
 -- visit reads every record, expires and prunes, and sets the exact next due time. Between visits
--- the due time may be early, never late. Earlier versions kept the times in the `alive` and
--- `ended` ZSETs: a record without a time takes its score there, and a visit writes the times into
--- the records and deletes those two keys.
+-- the due time may be early, never late.
 
 -- The library functions of the hot path, as locals (a global is a table lookup per use).
-local spack, sunpack, rcall, ssub, sbyte = struct.pack, struct.unpack, redis.call, string.sub,
-  string.byte
+local spack, sunpack, rcall, ssub, sbyte, sfind = struct.pack, struct.unpack, redis.call,
+  string.sub, string.byte, string.find
 
 local history = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
@@ -84,9 +88,8 @@ local top_of, due_at, due_mode = {}, {}, {}
 -- followed through SADD and SREM; both nil until load_count() reads them: a step that changes no
 -- membership never needs them).
 local K, doc, before, present = 0, '', nil, nil
--- The names of the document's users and live keys, once used in this step (users_key,
--- live_key).
-local k_users, k_live = nil, nil
+-- The name of the document's users key, once used in this step (users_key).
+local k_users = nil
 local ended_touched, went_live = false, false
 -- The event that changed membership last (set by the calling script), and why users leave.
 -- cause_text: when set, the event id and entry id are read from it only if a snapshot request
@@ -99,7 +102,7 @@ local exact_due, exact_next = false, false
 
 local function begin_doc(i, id)
   K, doc = 5 + i, id
-  k_users, k_live = nil, nil
+  k_users = nil
   before, present = nil, nil
   ended_touched, went_live = false, false
   cause_event, cause_entry, cause_text = '', '', nil
@@ -111,15 +114,10 @@ local function dkey(name)
   return doc_prefix .. doc .. '}:' .. name
 end
 
--- The document's users and live keys, named once per step: most steps that use one use it
--- several times.
+-- The document's users key, named once per step: most steps that use it use it several times.
 local function users_key()
   if not k_users then k_users = dkey('users') end
   return k_users
-end
-local function live_key()
-  if not k_live then k_live = dkey('live') end
-  return k_live
 end
 
 -- Calls `cmd` on `key` with the arguments in `list`, a few thousand at a time (unpack's limit),
@@ -251,6 +249,91 @@ local function indexed_time(field, live)
   return tonumber(score) or now
 end
 
+-- A user's entries in the records hash (see above): the entry of session `sid` in `rec` (false or
+-- nil: none): where it begins, where its record begins and ends; nil when there is none.
+local ENTRY = '>I2I2'
+local function find_entry(rec, sid)
+  if not rec then return nil end
+  local pos, len, sl = 1, #rec, #sid
+  while pos < len do
+    local a, b, c, d = sbyte(rec, pos, pos + 3)
+    local l = a * 256 + b
+    local e = pos + 3 + l + c * 256 + d
+    if l == sl and sfind(rec, sid, pos + 4, true) == pos + 4 then return pos, pos + 4 + l, e end
+    pos = e + 1
+  end
+  return nil
+end
+
+-- `rec` (false: none) with the entry of session `sid` set to `record`: the entry at `pos` (up to
+-- `e`) replaced, or a new one appended when pos is nil.
+local function put_entry(rec, pos, e, sid, record)
+  if #record > 65535 then error('a session record longer than 65535 bytes', 0) end
+  if not pos then return (rec or '') .. spack(ENTRY, #sid, #record) .. sid .. record end
+  return ssub(rec, 1, pos - 1) .. spack(ENTRY, #sid, #record) .. sid .. record .. ssub(rec, e + 1)
+end
+
+-- Calls each(sid, record start, record end, entry start) for every entry of `rec`.
+local function each_entry(rec, each)
+  local pos, len = 1, #rec
+  while pos < len do
+    local a, b, c, d = sbyte(rec, pos, pos + 3)
+    local rs = pos + 4 + a * 256 + b
+    local e = rs + c * 256 + d - 1
+    each(ssub(rec, pos + 4, rs - 1), rs, e, pos)
+    pos = e + 1
+  end
+end
+
+-- Whether `rec` holds a live session other than the entry at `skip` (nil: any).
+local function live_others(rec, skip)
+  if not rec then return false end
+  local pos, len = 1, #rec
+  while pos < len do
+    local a, b, c, d = sbyte(rec, pos, pos + 3)
+    local rs = pos + 4 + a * 256 + b
+    if pos ~= skip and sbyte(rec, rs + 1) % 2 == 1 then return true end
+    pos = rs + c * 256 + d
+  end
+  return false
+end
+
+-- Moves the document from the earlier versions' keys (see above) into its records hash, in the
+-- current record layout with each record's time, and deletes them; does nothing when it has no
+-- sessions hash. Returns whether it moved anything. (A worker of this version never writes those
+-- keys: once moved, a document stays moved.)
+local function migrate()
+  local old = dkey('sessions')
+  if rcall('EXISTS', old) == 0 then return false end
+  local all = rcall('HGETALL', old)
+  local recs, users = {}, {}
+  local existed = rcall('EXISTS', KEYS[K]) == 1
+  for i = 1, #all, 2 do
+    local field = all[i]
+    local sep = sfind(field, '\31', 1, true)
+    if sep and sep > 1 and sep < #field then
+      local user, sid = ssub(field, 1, sep - 1), ssub(field, sep + 1)
+      local raw, flags, at = load_record(all[i + 1])
+      if not at then raw = with_head(raw, flags, halves(indexed_time(field, flags % 2 == 1))) end
+      if not recs[user] then
+        users[#users + 1] = user
+        recs[user] = existed and rcall('HGET', KEYS[K], user) or false
+      end
+      -- (A session already in the records hash keeps its record there: it is the later.)
+      if not find_entry(recs[user], sid) then
+        recs[user] = put_entry(recs[user], nil, nil, sid, raw)
+      end
+    end
+  end
+  local list = {}
+  for _, u in ipairs(users) do list[#list + 1], list[#list + 2] = u, recs[u] end
+  if #list > 0 then in_chunks('HSET', KEYS[K], list, 2) end
+  local pttl = rcall('PTTL', old)
+  if not existed and pttl > 0 then rcall('PEXPIRE', KEYS[K], pttl) end
+  rcall('DEL', old, dkey('live'), dkey('alive'), dkey('ended'))
+  return true
+end
+
 -- Is version 1 newer than version 2? With a seq on both, the higher seq wins and, for equal seq,
 -- the earlier stream entry; otherwise the later stream entry wins. (Rust: coalesce::Version.)
 -- Each version: whether it has a seq, then seq, stream id ms and stream id sequence as u64
@@ -277,27 +360,26 @@ local function feed(user, change)
   rcall('SPUBLISH', opts.cp .. doc .. '}:presence', cmsgpack.pack(msg))
 end
 
--- A session of `user` became live, or was refreshed while live (which changes only the record,
--- written by the caller).
-local function session_live(user, was_live)
-  if not was_live then
-    -- (The count first: a users key of the wrong type fails the step before anything changed.)
-    load_count()
-    if rcall('HINCRBY', live_key(), user, '1') == 1 then
-      present = present + rcall('SADD', users_key(), user)
-      d_users = d_users + 1
-      feed(user, 'joined')
-    end
-    d_sessions, went_live = d_sessions + 1, true
+-- A session of `user` that was not live became live; `others`: whether the user has another live
+-- session in the document. (A refresh of a live session changes only its record, written by the
+-- caller.)
+local function session_live(user, others)
+  -- (The count first: a users key of the wrong type fails the step before anything changed.)
+  load_count()
+  if not others then
+    present = present + rcall('SADD', users_key(), user)
+    d_users = d_users + 1
+    feed(user, 'joined')
   end
+  d_sessions, went_live = d_sessions + 1, true
 end
 
--- A session of `user` ended (leave or expiry); its record stays as ordering history.
-local function session_ended(user, was_live)
+-- A session of `user` ended (leave or expiry); its record stays as ordering history. `others`:
+-- whether the user has another live session in the document (read only when was_live).
+local function session_ended(user, was_live, others)
   if was_live then
     load_count()
-    if rcall('HINCRBY', live_key(), user, '-1') <= 0 then
-      rcall('HDEL', live_key(), user)
+    if not others then
       present = present - rcall('SREM', users_key(), user)
       d_users = d_users - 1
       feed(user, 'left')
@@ -458,7 +540,6 @@ local function finish_doc()
     end
     due_change('del')
     rcall('PEXPIRE', KEYS[K], history_arg)
-    rcall('PEXPIRE', dkey('ended'), history_arg)
     rcall('PEXPIRE', dkey('snapshot'), history_arg)
   else
     if after ~= before then
@@ -468,7 +549,6 @@ local function finish_doc()
     end
     if before == 0 then
       rcall('PERSIST', KEYS[K])
-      rcall('PERSIST', dkey('ended'))
       rcall('PERSIST', dkey('snapshot'))
     end
     if exact_due then

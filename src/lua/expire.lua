@@ -19,41 +19,52 @@ local results = {}
 local function expire_doc(di)
   begin_doc(di, ARGV[6 + di])
   left_reason, cause_event, cause_entry = 'expired', 'expiry', ''
+  migrate()
   local all = redis.call('HGETALL', KEYS[K])
-  local expired, migrated = 0, false
-  local pruned = {}
+  local expired = 0
   local first_live, first_ended = nil, nil
+  local writes, drop = {}, {}
   for i = 1, #all, 2 do
-    local field = all[i]
-    local raw, flags, at = load_record(all[i + 1])
-    local live = flags % 2 == 1
-    -- A record of an earlier layout (no time): its time is its score in the earlier index, and
-    -- it is rewritten in the current layout below, unless it expires or is pruned.
-    local earlier = not at
-    if earlier then at, migrated = indexed_time(field, live), true end
-    if live and ttl > 0 and at <= cutoff and expired < max then
-      session_ended(user_of(field), true)
-      -- Ended (flag 1 off) by expiry (flag 4 on), now.
-      flags = flags - 1
-      if flags % 8 < 4 then flags = flags + 4 end
-      redis.call('HSET', KEYS[K], field, with_head(raw, flags, now_hi, now_lo))
-      expired = expired + 1
-      if not first_ended then first_ended = now end
-    elseif not live and at <= prune_before then
-      pruned[#pruned + 1] = field
-    else
-      if live then
-        if not first_live or at < first_live then first_live = at end
-      elseif not first_ended or at < first_ended then
-        first_ended = at
+    local user, rec = all[i], all[i + 1]
+    -- The user's entries kept (each rewritten when it expires), and their live sessions left.
+    local kept, changed = {}, false
+    local nlive = 0
+    each_entry(rec, function(_, rs) if sbyte(rec, rs + 1) % 2 == 1 then nlive = nlive + 1 end end)
+    each_entry(rec, function(sid, rs, e)
+      local _, flags, th, tl = sunpack(HEAD, rec, rs)
+      local at = th * TWO32 + tl
+      local live = flags % 2 == 1
+      if live and ttl > 0 and at <= cutoff and expired < max then
+        nlive = nlive - 1
+        session_ended(user, true, nlive > 0)
+        -- Ended (flag 1 off) by expiry (flag 4 on), now.
+        flags = flags - 1
+        if flags % 8 < 4 then flags = flags + 4 end
+        kept[#kept + 1] = put_entry(nil, nil, nil, sid, with_head(ssub(rec, rs, e), flags, now_hi,
+          now_lo))
+        changed, expired = true, expired + 1
+        if not first_ended then first_ended = now end
+      elseif not live and at <= prune_before then
+        changed = true
+      else
+        if live then
+          if not first_live or at < first_live then first_live = at end
+        elseif not first_ended or at < first_ended then
+          first_ended = at
+        end
+        kept[#kept + 1] = ssub(rec, rs - 4 - #sid, e)
       end
-      if earlier then
-        redis.call('HSET', KEYS[K], field, with_head(raw, flags, halves(at)))
+    end)
+    if changed then
+      if #kept > 0 then
+        writes[#writes + 1], writes[#writes + 2] = user, table.concat(kept)
+      else
+        drop[#drop + 1] = user
       end
     end
   end
-  if #pruned > 0 then in_chunks('HDEL', KEYS[K], pruned, 1) end
-  if migrated then redis.call('DEL', dkey('ended'), dkey('alive')) end
+  if #writes > 0 then in_chunks('HSET', KEYS[K], writes, 2) end
+  if #drop > 0 then in_chunks('HDEL', KEYS[K], drop, 1) end
   exact_next = next_due(first_live, first_ended)
   results[di + 1] = {expired, finish_doc()}
 end

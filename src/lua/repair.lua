@@ -3,8 +3,9 @@
 -- (common.lua is prepended: it documents KEYS, ARGV[1..3] and the session record.)
 --
 -- The session records are the truth. From them follow: the users set (users with a live
--- session), the count, the per-user live counts, the document's due time in the expiry index
--- (when it has live sessions and they expire), and the global stats and top index.
+-- session), the count, the document's due time in the expiry index (when it has live sessions
+-- and they expire), and the global stats and top index. A document still in an earlier
+-- version's layout is read from it, and moved into the records hash when rebuilt.
 --
 -- Returns the problems found, one readable line each (empty: consistent).
 
@@ -14,22 +15,33 @@ begin_doc(0, ARGV[5])
 local problems = {}
 local function say(msg) problems[#problems + 1] = msg end
 
-local records = redis.call('HGETALL', KEYS[K])
+if fix then migrate() end
 local want_live = {}      -- user -> live sessions
 local nlive = 0
 local first_live, first_ended = nil, nil
-for i = 1, #records, 2 do
-  local field = records[i]
-  local _, flags, at = load_record(records[i + 1])
-  at = at or indexed_time(field, flags % 2 == 1)
+local function record(user, flags, at)
   if flags % 2 == 0 then
     if not first_ended or at < first_ended then first_ended = at end
   else
     if not first_live or at < first_live then first_live = at end
-    local user = user_of(field)
     want_live[user] = (want_live[user] or 0) + 1
     nlive = nlive + 1
   end
+end
+local records = redis.call('HGETALL', KEYS[K])
+for i = 1, #records, 2 do
+  local user, rec = records[i], records[i + 1]
+  each_entry(rec, function(_, rs)
+    local _, flags, th, tl = sunpack(HEAD, rec, rs)
+    record(user, flags, th * TWO32 + tl)
+  end)
+end
+-- (Checking only: a document not yet moved from an earlier version's sessions hash.)
+local old = redis.call('HGETALL', dkey('sessions'))
+for i = 1, #old, 2 do
+  local field = old[i]
+  local _, flags, at = load_record(old[i + 1])
+  record(user_of(field), flags, at or indexed_time(field, flags % 2 == 1))
 end
 
 local users = redis.call('SMEMBERS', users_key())
@@ -47,35 +59,15 @@ local count = redis.call('GET', dkey('count'))
 if (tonumber(count) or 0) ~= #users or (count and #users == 0) then
   say('count is ' .. tostring(count) .. ' but the users set has ' .. #users)
 end
-local live = redis.call('HGETALL', live_key())
-local had_live = 0
-local seen = {}
-for i = 1, #live, 2 do
-  local u, n = live[i], tonumber(live[i + 1])
-  had_live = had_live + n
-  seen[u] = true
-  if want_live[u] ~= n then
-    say('live count of ' .. u .. ' is ' .. n .. ', the sessions say ' .. (want_live[u] or 0))
-  end
-end
-for u, n in pairs(want_live) do
-  if not seen[u] then say('live count of ' .. u .. ' is missing, the sessions say ' .. n) end
-end
 if ttl > 0 and nlive > 0 and not redis.call('ZSCORE', KEYS[1], doc) then
   say('the document has live sessions but no due time in the expiry index')
 end
 
 if fix and #problems > 0 then
-  redis.call('DEL', users_key(), live_key())
-  for u, n in pairs(want_live) do
-    redis.call('SADD', users_key(), u)
-    redis.call('HSET', live_key(), u, n)
-  end
-  d_users, d_sessions = nwant - #users, nlive - had_live
-  if nwant > 0 then
-    redis.call('PERSIST', KEYS[K])
-    redis.call('PERSIST', dkey('ended'))
-  end
+  redis.call('DEL', users_key())
+  for u in pairs(want_live) do redis.call('SADD', users_key(), u) end
+  d_users = nwant - #users
+  if nwant > 0 then redis.call('PERSIST', KEYS[K]) end
   present = redis.call('SCARD', users_key())
   before = -1 -- make finish_doc() rewrite the count and the indexes
   exact_next = next_due(first_live, first_ended)
