@@ -64,6 +64,8 @@ end
 -- too: a session whose membership changed must have its record, or the retry would change it
 -- again).
 local users, recs, touched, nu = nil, nil, nil, 0
+-- (The tables of a document of one user, the most common, reused from one to the next.)
+local one_user, one_rec, one_touched = {}, {}, {}
 local function write_records()
   if not touched then return end
   if nu == 1 then
@@ -200,7 +202,8 @@ end
 local function read_records()
   for _ = 1, 2 do
     if nu == 1 then
-      recs = {rcall('HGET', KEYS[K], users[1])}
+      one_rec[1] = rcall('HGET', KEYS[K], users[1])
+      recs = one_rec
       if recs[1] then return end
     else
       recs = in_chunks('HMGET', KEYS[K], users, 1)
@@ -218,8 +221,14 @@ local function apply_doc(di)
   a = a + 2
   local p
   nu, p = sunpack(COUNT, packed)
-  users, touched = {}, {}
-  for u = 1, nu do users[u], p = sunpack(BYTES, packed, p) end
+  if nu == 1 then
+    users, touched = one_user, one_touched
+    one_user[1], p = sunpack(BYTES, packed, p)
+    one_touched[1] = nil
+  else
+    users, touched = {}, {}
+    for u = 1, nu do users[u], p = sunpack(BYTES, packed, p) end
+  end
   read_records()
   local n
   n, p = sunpack(COUNT, packed, p)
@@ -250,8 +259,8 @@ local function apply_doc(di)
         if later(mh, ml, 0, sl, rmh, rml, 0, rsl) then
           code = rih == lih and '2' or '0'
           cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
-          recs[u] = spack(REFRESHED, ssub(rec, 1, pos - 1), #sid, PLAIN, sid, MARKER, 1, now_hi,
-            now_lo, mh, ml, sl, lih, ssub(rec, re + 1))
+          recs[u] = spack(REFRESHED, pos == 1 and '' or ssub(rec, 1, pos - 1), #sid, PLAIN, sid,
+            MARKER, 1, now_hi, now_lo, mh, ml, sl, lih, re == #rec and '' or ssub(rec, re + 1))
           touched[u] = true
         else
           code = rih == lih and '2' or '1'
