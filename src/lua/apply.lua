@@ -237,17 +237,7 @@ local function apply_doc(di)
     local u, sid, lf, qh, ql, mh, ml, sh, sl, lih, idlen, elen
     u, sid, lf, qh, ql, mh, ml, sh, sl, lih, idlen, elen, p = sunpack(SESSION, packed, p)
     local rec = recs[u]
-    -- (The user's first entry inline: most users have one or two.)
-    local pos, rs, re = nil, nil, nil
-    if rec then
-      local h1, h2, h3, h4 = sbyte(rec, 1, 4)
-      if h1 * 256 + h2 == #sid and sfind(rec, sid, 5, true) == 5 then
-        pos, rs = 1, 5 + #sid
-        re = rs + h3 * 256 + h4 - 1
-      else
-        pos, rs, re = find_entry(rec, sid)
-      end
-    end
+    local pos, rs, re = find_entry(rec, sid)
     local code = nil
     -- The common case, a refresh, in a few steps (apply_session gives the same): a live event
     -- without seq nor meta (flags 1, a 32-bit stream id sequence) and a record of the current

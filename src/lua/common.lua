@@ -237,9 +237,12 @@ local function with_head(raw, flags, th, tl)
   return spack(HEAD, MARKER, flags, th, tl) .. ssub(raw, HEAD_LEN + 1)
 end
 
--- The user of a sessions hash field ("<user>\31<session>").
-local function user_of(field)
-  return ssub(field, 1, string.find(field, '\31', 1, true) - 1)
+-- The user and session of a field of an earlier version's sessions hash ("<user>\31<session>"),
+-- or nil for a field that is none.
+local function split_field(field)
+  local sep = sfind(field, '\31', 1, true)
+  if not sep or sep == 1 or sep == #field then return nil end
+  return ssub(field, 1, sep - 1), ssub(field, sep + 1)
 end
 
 -- The time of a record of an earlier layout: its score in the `alive` (live) or `ended` index,
@@ -249,51 +252,50 @@ local function indexed_time(field, live)
   return tonumber(score) or now
 end
 
--- A user's entries in the records hash (see above): the entry of session `sid` in `rec` (false or
--- nil: none): where it begins, where its record begins and ends; nil when there is none.
-local ENTRY = '>I2I2'
+-- A user's entries in the records hash (see above), walked with
+--   for e, pos, rs in entry_after, rec, 0 do ... end
+-- entry_after(rec, e) is the entry after the one ending at `e` (0: the first): where it ends,
+-- where it begins and where its record begins (its session id is from pos + 4 to rs - 1); nil
+-- after the last.
+local function entry_after(rec, e)
+  local pos = e + 1
+  if pos >= #rec then return nil end
+  local a, b, c, d = sbyte(rec, pos, pos + 3)
+  local rs = pos + 4 + a * 256 + b
+  return rs + c * 256 + d - 1, pos, rs
+end
+
+-- The entry of session `sid` in `rec` (false or nil: none): where it begins, where its record
+-- begins and ends; nil when there is none.
 local function find_entry(rec, sid)
   if not rec then return nil end
-  local pos, len, sl = 1, #rec, #sid
-  while pos < len do
-    local a, b, c, d = sbyte(rec, pos, pos + 3)
-    local l = a * 256 + b
-    local e = pos + 3 + l + c * 256 + d
-    if l == sl and sfind(rec, sid, pos + 4, true) == pos + 4 then return pos, pos + 4 + l, e end
-    pos = e + 1
+  local sl = #sid
+  for e, pos, rs in entry_after, rec, 0 do
+    if rs - pos - 4 == sl and sfind(rec, sid, pos + 4, true) == pos + 4 then return pos, rs, e end
   end
   return nil
 end
 
 -- `rec` (false: none) with the entry of session `sid` set to `record`: the entry at `pos` (up to
 -- `e`) replaced, or a new one appended when pos is nil.
+local ENTRY = '>I2I2'
 local function put_entry(rec, pos, e, sid, record)
   if #record > 65535 then error('a session record longer than 65535 bytes', 0) end
   if not pos then return (rec or '') .. spack(ENTRY, #sid, #record) .. sid .. record end
   return ssub(rec, 1, pos - 1) .. spack(ENTRY, #sid, #record) .. sid .. record .. ssub(rec, e + 1)
 end
 
--- Calls each(sid, record start, record end, entry start) for every entry of `rec`.
-local function each_entry(rec, each)
-  local pos, len = 1, #rec
-  while pos < len do
-    local a, b, c, d = sbyte(rec, pos, pos + 3)
-    local rs = pos + 4 + a * 256 + b
-    local e = rs + c * 256 + d - 1
-    each(ssub(rec, pos + 4, rs - 1), rs, e, pos)
-    pos = e + 1
-  end
+-- The flags and time of the record at `rs` of `rec` (see above).
+local function flags_at(rec, rs)
+  local _, flags, th, tl = sunpack(HEAD, rec, rs)
+  return flags, th * TWO32 + tl
 end
 
 -- Whether `rec` holds a live session other than the entry at `skip` (nil: any).
 local function live_others(rec, skip)
   if not rec then return false end
-  local pos, len = 1, #rec
-  while pos < len do
-    local a, b, c, d = sbyte(rec, pos, pos + 3)
-    local rs = pos + 4 + a * 256 + b
+  for _, pos, rs in entry_after, rec, 0 do
     if pos ~= skip and sbyte(rec, rs + 1) % 2 == 1 then return true end
-    pos = rs + c * 256 + d
   end
   return false
 end
@@ -310,9 +312,8 @@ local function migrate()
   local existed = rcall('EXISTS', KEYS[K]) == 1
   for i = 1, #all, 2 do
     local field = all[i]
-    local sep = sfind(field, '\31', 1, true)
-    if sep and sep > 1 and sep < #field then
-      local user, sid = ssub(field, 1, sep - 1), ssub(field, sep + 1)
+    local user, sid = split_field(field)
+    if user then
       local raw, flags, at = load_record(all[i + 1])
       if not at then raw = with_head(raw, flags, halves(indexed_time(field, flags % 2 == 1))) end
       if not recs[user] then

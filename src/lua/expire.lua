@@ -26,13 +26,15 @@ local function expire_doc(di)
   local writes, drop = {}, {}
   for i = 1, #all, 2 do
     local user, rec = all[i], all[i + 1]
-    -- The user's entries kept (each rewritten when it expires), and their live sessions left.
+    -- The user's entries kept (an expired one rewritten: same length, same entry head), and
+    -- their live sessions left.
     local kept, changed = {}, false
     local nlive = 0
-    each_entry(rec, function(_, rs) if sbyte(rec, rs + 1) % 2 == 1 then nlive = nlive + 1 end end)
-    each_entry(rec, function(sid, rs, e)
-      local _, flags, th, tl = sunpack(HEAD, rec, rs)
-      local at = th * TWO32 + tl
+    for _, _, rs in entry_after, rec, 0 do
+      if sbyte(rec, rs + 1) % 2 == 1 then nlive = nlive + 1 end
+    end
+    for e, pos, rs in entry_after, rec, 0 do
+      local flags, at = flags_at(rec, rs)
       local live = flags % 2 == 1
       if live and ttl > 0 and at <= cutoff and expired < max then
         nlive = nlive - 1
@@ -40,8 +42,8 @@ local function expire_doc(di)
         -- Ended (flag 1 off) by expiry (flag 4 on), now.
         flags = flags - 1
         if flags % 8 < 4 then flags = flags + 4 end
-        kept[#kept + 1] = put_entry(nil, nil, nil, sid, with_head(ssub(rec, rs, e), flags, now_hi,
-          now_lo))
+        kept[#kept + 1] = ssub(rec, pos, rs - 1)
+          .. with_head(ssub(rec, rs, e), flags, now_hi, now_lo)
         changed, expired = true, expired + 1
         if not first_ended then first_ended = now end
       elseif not live and at <= prune_before then
@@ -52,9 +54,9 @@ local function expire_doc(di)
         elseif not first_ended or at < first_ended then
           first_ended = at
         end
-        kept[#kept + 1] = ssub(rec, rs - 4 - #sid, e)
+        kept[#kept + 1] = ssub(rec, pos, e)
       end
-    end)
+    end
     if changed then
       if #kept > 0 then
         writes[#writes + 1], writes[#writes + 2] = user, table.concat(kept)

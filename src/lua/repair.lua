@@ -31,17 +31,17 @@ end
 local records = redis.call('HGETALL', KEYS[K])
 for i = 1, #records, 2 do
   local user, rec = records[i], records[i + 1]
-  each_entry(rec, function(_, rs)
-    local _, flags, th, tl = sunpack(HEAD, rec, rs)
-    record(user, flags, th * TWO32 + tl)
-  end)
+  for _, _, rs in entry_after, rec, 0 do record(user, flags_at(rec, rs)) end
 end
 -- (Checking only: a document not yet moved from an earlier version's sessions hash.)
 local old = redis.call('HGETALL', dkey('sessions'))
 for i = 1, #old, 2 do
   local field = old[i]
-  local _, flags, at = load_record(old[i + 1])
-  record(user_of(field), flags, at or indexed_time(field, flags % 2 == 1))
+  local user = split_field(field)
+  if user then
+    local _, flags, at = load_record(old[i + 1])
+    record(user, flags, at or indexed_time(field, flags % 2 == 1))
+  end
 end
 
 local users = redis.call('SMEMBERS', users_key())
