@@ -396,31 +396,18 @@ pub fn id_hash(id: &str) -> u32 {
 /// its header; every number big-endian, a u64 as its two u32 halves).
 fn pack_sessions(sessions: &[SessionUpdate], b: &mut Vec<u8>) {
     b.reserve(sessions.len() * 128);
-    // Each session's user, numbered in first-seen order: by a linear search in a document of a
-    // few sessions (most of a batch's), through a map in a larger one.
+    // Each session's user, numbered in first-seen order.
     let mut users: Vec<&str> = Vec::with_capacity(sessions.len());
-    let user_of: Vec<usize> = if sessions.len() <= 16 {
-        sessions
-            .iter()
-            .map(|s| {
-                users.iter().position(|&u| u == s.user).unwrap_or_else(|| {
-                    users.push(&s.user);
-                    users.len() - 1
-                })
+    let mut index: crate::coalesce::FastMap<&str, usize> = Default::default();
+    let user_of: Vec<usize> = sessions
+        .iter()
+        .map(|s| {
+            *index.entry(&s.user).or_insert_with(|| {
+                users.push(&s.user);
+                users.len() - 1
             })
-            .collect()
-    } else {
-        let mut index: crate::coalesce::FastMap<&str, usize> = Default::default();
-        sessions
-            .iter()
-            .map(|s| {
-                *index.entry(&s.user).or_insert_with(|| {
-                    users.push(&s.user);
-                    users.len() - 1
-                })
-            })
-            .collect()
-    };
+        })
+        .collect();
     put_len(b, users.len());
     for u in &users {
         put_len(b, u.len());

@@ -106,7 +106,7 @@ const RECORD_MARKER: u8 = 0xC1;
 
 /// The entries of a user's value in the records hash (see `lua/common.lua`): each session id and
 /// its record. (A truncated entry ends the list.)
-fn entries(mut rec: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+pub fn entries(mut rec: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     std::iter::from_fn(move || {
         let [a, b, c, d] = take::<4>(&mut rec)?;
         let session_len = usize::from(u16::from_be_bytes([a, b]));

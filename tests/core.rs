@@ -859,6 +859,12 @@ async fn a_refused_document_fails_the_call_with_its_error_code() {
     assert_eq!(state(&mut con, "good").await.users, ["a"]);
 }
 
+/// Redis server time, in ms.
+async fn server_ms(con: &mut Conn) -> u64 {
+    let now: (u64, u64) = redis::cmd("TIME").query_async(con).await.unwrap();
+    now.0 * 1000 + now.1 / 1000
+}
+
 /// The live sessions over all documents, as the totals hash counts them.
 async fn live_sessions(con: &mut Conn) -> i64 {
     common::query(con, &["HGET", "sessions:stats", "live_sessions"]).await
@@ -874,18 +880,9 @@ async fn assert_current_layout(con: &mut Conn, doc: &str, user: &str, session: &
         .query_async(con)
         .await
         .unwrap();
-    // The user's entries: session length (u16), record length (u16), session, record.
-    let mut rest = &raw[..];
-    let record = loop {
-        assert!(rest.len() >= 4, "no entry for {session:?} in {raw:?}");
-        let sl = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
-        let rl = usize::from(u16::from_be_bytes([rest[2], rest[3]]));
-        let (sid, record) = (&rest[4..4 + sl], &rest[4 + sl..4 + sl + rl]);
-        if sid == session.as_bytes() {
-            break record;
-        }
-        rest = &rest[4 + sl + rl..];
-    };
+    let (_, record) = presence_worker::inspect::entries(&raw)
+        .find(|(sid, _)| *sid == session.as_bytes())
+        .unwrap_or_else(|| panic!("no entry for {session:?} in {raw:?}"));
     assert_eq!(record[0], 0xC1, "rewritten in the current layout: {raw:?}");
     for old in [&k.sessions, &k.live, &k.alive, &k.ended] {
         let n: i64 = common::query(con, &["EXISTS", old]).await;
@@ -912,8 +909,7 @@ async fn records_without_a_time_expire_by_their_index_score() {
         r.extend_from_slice(&id_hash(id).to_be_bytes());
         r
     };
-    let now: (u64, u64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
-    let now_ms = now.0 * 1000 + now.1 / 1000;
+    let now_ms = server_ms(&mut con).await;
     let _: () = redis::pipe()
         .hset("sessions:doc:{v2}:sessions", "silent\x1fs", v2(3000, "a"))
         .hset("sessions:doc:{v2}:sessions", "busy\x1fb", v2(3001, "b"))
@@ -1084,8 +1080,7 @@ async fn a_document_of_the_previous_version_moves_into_the_records_hash() {
 
     let server = RedisServer::start();
     let mut con = server.con().await;
-    let now: (u64, u64) = redis::cmd("TIME").query_async(&mut con).await.unwrap();
-    let now_ms = now.0 * 1000 + now.1 / 1000;
+    let now_ms = server_ms(&mut con).await;
     // Marker, flags (1: live), time (u48), stream id ms (u64) and sequence (u32), id hash.
     let record = |live: bool, ms: u64, id: &str| {
         let mut r = vec![0xC1, u8::from(live)];
