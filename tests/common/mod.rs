@@ -219,6 +219,14 @@ pub struct RunningWorker {
 impl RunningWorker {
     /// Starts a worker with `config`.
     pub fn spawn(config: WorkerConfig) -> Self {
+        // The worker's warnings go to the test's captured output, printed when the test fails.
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "presence_worker=info".into()),
+            )
+            .try_init();
         let token = CancellationToken::new();
         let stats = Arc::new(Stats::default());
         let handle = tokio::spawn(worker::run_with_stats(config, token.clone(), stats.clone()));
