@@ -271,7 +271,9 @@ local function find_entry(rec, sid)
   if not rec then return nil end
   local sl = #sid
   for e, pos, rs in entry_after, rec, 0 do
-    if rs - pos - 4 == sl and sfind(rec, sid, pos + 4, true) == pos + 4 then return pos, rs, e end
+    -- (Compared as a substring: a find from pos + 4 would scan the rest of the value for every
+    -- entry whose id does not match, quadratic in the user's entries.)
+    if rs - pos - 4 == sl and ssub(rec, pos + 4, rs - 1) == sid then return pos, rs, e end
   end
   return nil
 end
