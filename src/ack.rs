@@ -15,7 +15,8 @@ pub struct DeadLetter {
     pub fields: Fields,
     /// Why it was not applied.
     pub reason: String,
-    /// The reason's class for metrics: `invalid`, `too_many_deliveries` or `cannot_apply`.
+    /// The reason's class for metrics: `invalid`, `too_many_deliveries`, `cannot_apply` or
+    /// `too_many_sessions`.
     pub class: &'static str,
 }
 

@@ -29,6 +29,9 @@ const CLAIM_DUE_LUA: &str = include_str!("lua/claim_due.lua");
 /// one call stays well under a millisecond of Redis time.
 const DOCS_PER_CALL: usize = 64;
 
+/// The default of `--max-user-sessions` ([`Applier::with_max_user_sessions`]).
+pub const DEFAULT_USER_SESSIONS: usize = 64;
+
 /// Most sessions in one script call.
 const SESSIONS_PER_CALL: usize = 512;
 
@@ -48,6 +51,9 @@ pub enum Outcome {
     Stale,
     /// The same event (same id) was already the session's deciding event.
     Duplicate,
+    /// A new session of a user who already has `--max-user-sessions` live sessions in the
+    /// document: nothing changed, and its events are dead-lettered.
+    Refused,
 }
 
 /// What applying one document did.
@@ -66,6 +72,7 @@ pub struct Applier {
     expire: Script,
     claim_due: Script,
     keys: Keys,
+    snapshots: SnapshotConfig,
     options: Vec<u8>,
     history_ms: u64,
     ttl_ms: u64,
@@ -89,11 +96,22 @@ impl Applier {
             script: Script::new(APPLY_LUA),
             expire: Script::new(EXPIRE_LUA),
             claim_due: Script::new(CLAIM_DUE_LUA),
-            options: snapshots.script_options(&keys.channel_prefix()),
+            options: snapshots.script_options(&keys.channel_prefix(), DEFAULT_USER_SESSIONS),
+            snapshots,
             keys,
             history_ms,
             ttl_ms,
         }
+    }
+
+    /// Most sessions one user keeps in one document (`--max-user-sessions`): live ones, and
+    /// ended ones kept for ordering. When a new session would exceed it, the user's earliest
+    /// ended sessions are dropped; when all are live, the new session is [`Outcome::Refused`].
+    pub fn with_max_user_sessions(mut self, max: usize) -> Self {
+        self.options = self
+            .snapshots
+            .script_options(&self.keys.channel_prefix(), max);
+        self
     }
 
     /// Loads the scripts the worker calls (on a cluster, on every primary), so that its first
@@ -237,6 +255,7 @@ impl Applier {
                         .map(|c| match c {
                             b'0' => Outcome::Applied,
                             b'2' => Outcome::Duplicate,
+                            b'3' => Outcome::Refused,
                             _ => Outcome::Stale,
                         })
                         .collect(),

@@ -314,6 +314,11 @@ pub struct RunArgs {
     /// Most keys in `meta`.
     #[arg(long, env = "PRESENCE_MAX_META_KEYS", default_value_t = 16)]
     pub max_meta_keys: usize,
+    /// Most sessions one user keeps in one document, live and ended within --history. A new
+    /// session beyond it drops the user's earliest ended one; when all are live, its events are
+    /// dead-lettered (`too_many_sessions`).
+    #[arg(long, env = "PRESENCE_MAX_USER_SESSIONS", default_value_t = crate::apply::DEFAULT_USER_SESSIONS)]
+    pub max_user_sessions: usize,
 }
 
 /// `--http-addr`: an address, or `off`.
@@ -366,6 +371,7 @@ impl RunArgs {
             max_meta_keys: self.max_meta_keys,
             ..Default::default()
         };
+        c.max_user_sessions = self.max_user_sessions;
         c.http_addr = self.http_addr.0;
         c.snapshots = crate::snapshot::SnapshotConfig {
             thresholds: self.snapshot_thresholds.clone(),

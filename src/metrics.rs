@@ -42,7 +42,7 @@ pub const RECLAIMED: &str = "presence_reclaimed_entries_total";
 /// Pending entries whose payload had been trimmed away.
 pub const TRIMMED_PENDING: &str = "presence_trimmed_pending_entries_total";
 /// Entries sent to the dead-letter stream, by `reason` (`invalid`, `too_many_deliveries`,
-/// `cannot_apply`).
+/// `cannot_apply`, `too_many_sessions`).
 pub const DEAD_LETTERS: &str = "presence_dead_letters_total";
 /// Snapshot requests emitted, by `reason` (`threshold`, `empty`).
 pub const SNAPSHOTS: &str = "presence_snapshots_emitted_total";

@@ -239,8 +239,8 @@ pub async fn repair(
             inv.key(key);
         }
         // Repairs never emit snapshot requests nor publish changes: default options.
-        let options =
-            crate::snapshot::SnapshotConfig::default().script_options(&keys.channel_prefix());
+        let options = crate::snapshot::SnapshotConfig::default()
+            .script_options(&keys.channel_prefix(), crate::apply::DEFAULT_USER_SESSIONS);
         inv.arg(history_ms).arg(ttl_ms).arg(options);
         inv.arg(if fix { "1" } else { "0" }).arg(&doc);
         let problems: Vec<String> = inv.invoke_async(con).await?;

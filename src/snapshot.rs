@@ -64,8 +64,9 @@ impl SnapshotConfig {
     }
 
     /// The options map the document scripts read from ARGV[3]; `channel_prefix` is
-    /// [`crate::keys::Keys::channel_prefix`].
-    pub fn script_options(&self, channel_prefix: &str) -> Vec<u8> {
+    /// [`crate::keys::Keys::channel_prefix`], `max_user_sessions` the cap of
+    /// [`crate::apply::Applier::with_max_user_sessions`].
+    pub fn script_options(&self, channel_prefix: &str, max_user_sessions: usize) -> Vec<u8> {
         let mut thresholds = self.thresholds.clone();
         thresholds.sort_unstable();
         thresholds.dedup();
@@ -77,6 +78,7 @@ impl SnapshotConfig {
             u: self.users_cap as u64,
             p: u8::from(self.publish_changes),
             cp: channel_prefix,
+            s: max_user_sessions as u64,
         };
         // SAFETY of expect: a struct of numbers and strings always encodes.
         rmp_serde::to_vec_named(&opts).expect("options encode")
@@ -92,6 +94,7 @@ struct ScriptOptions<'a> {
     u: u64,
     p: u8,
     cp: &'a str,
+    s: u64,
 }
 
 /// Parses `--snapshot-thresholds 10,50,100`.

@@ -135,7 +135,8 @@ pub async fn run_with_stats(
         config.history.as_millis() as u64,
         config.session_ttl.as_millis() as u64,
         config.snapshots.clone(),
-    );
+    )
+    .with_max_user_sessions(config.max_user_sessions);
     if let Err(e) = applier.load(&mut apply_con).await {
         tracing::warn!(error = %e, "cannot load the scripts ahead: each is loaded on first use");
     }

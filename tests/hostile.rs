@@ -6,7 +6,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{config, field, wait_drained, xrange, RedisServer, RunningWorker};
+use common::{config, field, wait_drained, xlen, xrange, RedisServer, RunningWorker};
 use presence_worker::inspect::inspect;
 use presence_worker::keys::Keys;
 use presence_worker::{Event, EventType, Producer};
@@ -229,6 +229,141 @@ fn limits_the_state_cannot_store_are_refused_at_start() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(
             err.contains("limits too large to store") && err.contains(&format!("{flag} {value}")),
+            "{err}"
+        );
+    }
+}
+
+/// Publishes `events`, waits until they are applied, and returns document "d"'s users, count and
+/// sessions (user, session, live).
+async fn phase(
+    p: &mut Producer,
+    con: &mut presence_worker::connection::Conn,
+    keys: &Keys,
+    events: Vec<Event>,
+) -> (Vec<String>, Option<i64>, Vec<(String, String, bool)>) {
+    for e in &events {
+        p.publish(e).await.unwrap();
+    }
+    wait_drained(con, STREAM, "presence").await;
+    let state = inspect(con, keys, "d").await.unwrap();
+    let sessions = state
+        .sessions
+        .iter()
+        .map(|s| (s.user.clone(), s.session.clone(), s.live))
+        .collect();
+    (state.users, state.count, sessions)
+}
+
+/// A user keeps at most `--max-user-sessions` sessions in one document (every event of theirs
+/// walks all of them in Redis): a new one beyond it drops their earliest ended session, and when
+/// all are live its events are dead-lettered with the reason, while everyone else goes on.
+#[tokio::test]
+async fn a_user_keeps_at_most_max_user_sessions_in_a_document() {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let keys = Keys::new("sessions");
+    let mut p = Producer::connect(&server.url(), STREAM).await.unwrap();
+    let mut cfg = config(&server, "w1");
+    cfg.max_user_sessions = 3;
+    let w = RunningWorker::spawn(cfg);
+    let ev = |kind, user: &str, session: &str| {
+        let mut e = Event::new(kind, "d", user);
+        e.session = Some(session.into());
+        e
+    };
+    let s = |u: &str, sid: &str, live| (u.to_string(), sid.to_string(), live);
+    use EventType::{Heartbeat, Join, Leave};
+    // Three entries: s1 and s3 live, s2 ended.
+    let (_, _, sessions) = phase(
+        &mut p,
+        &mut con,
+        &keys,
+        vec![
+            ev(Join, "u", "s1"),
+            ev(Join, "u", "s2"),
+            ev(Leave, "u", "s2"),
+            ev(Join, "u", "s3"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        sessions,
+        [s("u", "s1", true), s("u", "s2", false), s("u", "s3", true)]
+    );
+    // A fourth: the ended s2 makes room.
+    let (_, _, sessions) = phase(&mut p, &mut con, &keys, vec![ev(Join, "u", "s4")]).await;
+    assert_eq!(
+        sessions,
+        [s("u", "s1", true), s("u", "s3", true), s("u", "s4", true)]
+    );
+    // All three live: s5 is refused, its two events dead-lettered; another user is not limited,
+    // and u's own sessions still refresh.
+    let (users, count, sessions) = phase(
+        &mut p,
+        &mut con,
+        &keys,
+        vec![
+            ev(Join, "u", "s5"),
+            ev(Heartbeat, "u", "s5"),
+            ev(Join, "v", "t1"),
+            ev(Heartbeat, "u", "s1"),
+        ],
+    )
+    .await;
+    assert_eq!(users, ["u", "v"]);
+    assert_eq!(count, Some(2));
+    assert_eq!(
+        sessions,
+        [
+            s("u", "s1", true),
+            s("u", "s3", true),
+            s("u", "s4", true),
+            s("v", "t1", true)
+        ]
+    );
+    let dead = xrange(&mut con, "sessions:events:dead").await;
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for (_, f) in &dead {
+        let error = field(f, "error").unwrap();
+        assert!(
+            error.contains("user \"u\" already has 3 live sessions in document \"d\""),
+            "{error}"
+        );
+        // The original entry travels with it, to be replayed once the user has room.
+        assert!(field(f, "e").is_some() && field(f, "entry_id").is_some());
+    }
+    // Once u leaves s3, s5 is accepted: the ended s3 makes room.
+    let (_, _, sessions) = phase(
+        &mut p,
+        &mut con,
+        &keys,
+        vec![ev(Leave, "u", "s3"), ev(Join, "u", "s5")],
+    )
+    .await;
+    assert_eq!(
+        sessions,
+        [
+            s("u", "s1", true),
+            s("u", "s4", true),
+            s("u", "s5", true),
+            s("v", "t1", true)
+        ]
+    );
+    assert_eq!(xlen(&mut con, "sessions:events:dead").await, 2);
+    w.stop().await;
+
+    // Out of range at start.
+    for value in ["0", "4097"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_presence-worker"))
+            .args(["run", "--http-addr", "off", "--max-user-sessions", value])
+            .env("REDIS_URL", "redis://127.0.0.1:1")
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("--max-user-sessions {value} must be 1 to 4096")),
             "{err}"
         );
     }

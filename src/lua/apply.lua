@@ -80,6 +80,32 @@ local function write_records()
   touched = nil
 end
 
+-- Most entries one user keeps in the document (--max-user-sessions): their live sessions and the
+-- ended ones kept for ordering. Every event of a user walks and rewrites all of their entries, so
+-- this bounds its cost.
+local max_entries = tonumber(opts.s) or 64
+
+-- Makes room for one more entry in user u's value: while it holds max_entries or more, the
+-- user's earliest ended entry is dropped (its ordering history goes before --history is over).
+-- False when no room can be made: all of them are live.
+local function make_room(u)
+  local rec = recs[u]
+  if not rec then return true end
+  local n = 0
+  for _ in entry_after, rec, 0 do n = n + 1 end
+  while n >= max_entries do
+    local oldest, from, to = nil, nil, nil
+    for e, pos, rs in entry_after, rec, 0 do
+      local flags, at = flags_at(rec, rs)
+      if flags % 2 == 0 and (not oldest or at < oldest) then oldest, from, to = at, pos, e end
+    end
+    if not oldest then return false end
+    rec, n = ssub(rec, 1, from - 1) .. ssub(rec, to + 1), n - 1
+    recs[u], touched[u] = rec, true
+  end
+  return true
+end
+
 -- Is stream entry (mh, ml, sh, sl) later than (rmh, rml, rsh, rsl)? (Versions without a seq: the
 -- later entry wins; newer() in full otherwise.)
 local function later(mh, ml, sh, sl, rmh, rml, rsh, rsl)
@@ -94,8 +120,7 @@ end
 -- Returns its outcome code and where the event's ids begin in `packed`.
 local function apply_session(packed, p, u, sid, pos, rs, re, lf, qh, ql, mh, ml, sh, sl, lih,
     idlen, elen)
-  local rec = recs[u]
-  local raw = pos and ssub(rec, rs, re)
+  local raw = pos and ssub(recs[u], rs, re)
   -- The stored flags, time and version (rq: it has a seq), its event id hash, and where the
   -- rest begins.
   local rf, rt, rq, rqh, rql, rmh, rml, rsh, rsl, rih, rp = 0, nil, false, 0, 0, 0, 0, 0, 0, nil, 1
@@ -162,6 +187,9 @@ local function apply_session(packed, p, u, sid, pos, rs, re, lf, qh, ql, mh, ml,
       dirty = true
     end
   end
+  -- A new session of a user who already has max_entries live ones is refused ('3': the worker
+  -- dead-letters its events); nothing changes.
+  if dirty and not pos and not make_room(u) then return '3', p end
   if dirty then
     cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
     -- The record's time: now when the session is refreshed or ends; else (a stale event that
@@ -171,10 +199,10 @@ local function apply_session(packed, p, u, sid, pos, rs, re, lf, qh, ql, mh, ml,
       if outcome == 1 then
         th, tl = halves(rt or now)
       elseif not was_live then
-        session_live(users[u], live_others(rec, pos))
+        session_live(users[u], live_others(recs[u], pos))
       end
     elseif was_live or outcome == 0 then
-      session_ended(users[u], was_live, was_live and live_others(rec, pos))
+      session_ended(users[u], was_live, was_live and live_others(recs[u], pos))
     else
       th, tl = halves(rt or now)
     end
@@ -191,7 +219,7 @@ local function apply_session(packed, p, u, sid, pos, rs, re, lf, qh, ql, mh, ml,
       head = spack(RW, MARKER, rf, th, tl, rmh, rml, rsh, rsl, rih)
     end
     if not tail then tail = raw and ssub(raw, rp) or '' end
-    recs[u], touched[u] = put_entry(rec, pos, re, sid, head .. tail), true
+    recs[u], touched[u] = put_entry(recs[u], pos, re, sid, head .. tail), true
   end
   return OUTCOME[outcome], p
 end

@@ -127,6 +127,8 @@ impl Worker {
         self.stats.trimmed.fetch_add(trimmed, Ordering::Relaxed);
         let started = Instant::now();
         let outcomes = self.apply(&docs, &events, &mut raw, &mut dead).await?;
+        let max = self.config.max_user_sessions;
+        refused(&docs, &events, &outcomes, &mut raw, &mut dead, max);
         metrics::batch(size, started.elapsed());
         let now_ms = crate::ids::now_ms().max(0) as u64;
         metrics::end_to_end_delays(events.iter().map(|(sid, _)| sid.ms), now_ms);
@@ -212,6 +214,9 @@ impl Worker {
         let mut by_kind = [[0u64; 3]; 3];
         for (d, o) in docs.iter().zip(outcomes) {
             for (s, &winner) in d.sessions.iter().zip(&o.outcomes) {
+                if winner == Outcome::Refused {
+                    continue; // dead-lettered, counted below
+                }
                 for &i in &s.events {
                     let (sid, ev) = &events[i];
                     let outcome = if *sid == s.version.sid {
@@ -235,7 +240,7 @@ impl Worker {
                             dup += 1;
                             1
                         }
-                        Outcome::Stale => {
+                        Outcome::Stale | Outcome::Refused => {
                             stale += 1;
                             2
                         }
@@ -256,7 +261,12 @@ impl Worker {
                 metrics::events(kind.as_str(), outcome, by_kind[k][o]);
             }
         }
-        for class in ["invalid", "too_many_deliveries", "cannot_apply"] {
+        for class in [
+            "invalid",
+            "too_many_deliveries",
+            "cannot_apply",
+            "too_many_sessions",
+        ] {
             let n = dead.iter().filter(|d| d.class == class).count() as u64;
             metrics::dead_letters(class, n);
             metrics::events("unknown", "dead_lettered", n);
@@ -268,6 +278,39 @@ impl Worker {
             dead_lettered = dead.len(),
             "batch done"
         );
+    }
+}
+
+/// Dead-letters every event of the sessions the script refused (a new session of a user who
+/// already has `max` live sessions in the document): nothing of them was applied.
+fn refused(
+    docs: &[DocUpdate],
+    events: &[(StreamId, Event)],
+    outcomes: &[Applied],
+    raw: &mut [Fields],
+    dead: &mut Vec<DeadLetter>,
+    max: usize,
+) {
+    for (d, o) in docs.iter().zip(outcomes) {
+        for (s, _) in d
+            .sessions
+            .iter()
+            .zip(&o.outcomes)
+            .filter(|(_, &w)| w == Outcome::Refused)
+        {
+            for &i in &s.events {
+                dead.push(DeadLetter {
+                    id: events[i].0,
+                    fields: std::mem::take(&mut raw[i]),
+                    reason: format!(
+                        "user {:?} already has {max} live sessions in document {:?} \
+                         (--max-user-sessions)",
+                        s.user, d.doc
+                    ),
+                    class: "too_many_sessions",
+                });
+            }
+        }
     }
 }
 
