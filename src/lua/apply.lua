@@ -88,9 +88,12 @@ local max_entries = tonumber(opts.s) or 64
 -- Makes room for one more entry in user u's value: while it holds max_entries or more, the
 -- user's earliest ended entry is dropped (its ordering history goes before --history is over).
 -- False when no room can be made: all of them are live.
+-- (An entry is at least 29 bytes: its head, a session id of one byte and a PLAIN record; a
+-- shorter value has room without a walk.)
+local ROOMY = max_entries * (4 + 1 + PLAIN)
 local function make_room(u)
   local rec = recs[u]
-  if not rec then return true end
+  if not rec or #rec < ROOMY then return true end
   local n = 0
   for _ in entry_after, rec, 0 do n = n + 1 end
   while n >= max_entries do
