@@ -234,23 +234,27 @@ fn limits_the_state_cannot_store_are_refused_at_start() {
     }
 }
 
-/// Publishes `events`, waits until they are applied, and returns document "d"'s users, count and
-/// sessions (user, session, live).
+/// Publishes `events` (type, user, session) to document "d", waits until they are applied, and
+/// returns its users, count and sessions ("user/session live" or "… ended").
 async fn phase(
     p: &mut Producer,
     con: &mut presence_worker::connection::Conn,
-    keys: &Keys,
-    events: Vec<Event>,
-) -> (Vec<String>, Option<i64>, Vec<(String, String, bool)>) {
-    for e in &events {
-        p.publish(e).await.unwrap();
+    events: &[(EventType, &str, &str)],
+) -> (Vec<String>, Option<i64>, Vec<String>) {
+    for &(kind, user, session) in events {
+        let mut e = Event::new(kind, "d", user);
+        e.session = Some(session.into());
+        p.publish(&e).await.unwrap();
     }
     wait_drained(con, STREAM, "presence").await;
-    let state = inspect(con, keys, "d").await.unwrap();
+    let state = inspect(con, &Keys::new("sessions"), "d").await.unwrap();
     let sessions = state
         .sessions
         .iter()
-        .map(|s| (s.user.clone(), s.session.clone(), s.live))
+        .map(|s| {
+            let live = if s.live { "live" } else { "ended" };
+            format!("{}/{} {live}", s.user, s.session)
+        })
         .collect();
     (state.users, state.count, sessions)
 }
@@ -260,67 +264,39 @@ async fn phase(
 /// all are live its events are dead-lettered with the reason, while everyone else goes on.
 #[tokio::test]
 async fn a_user_keeps_at_most_max_user_sessions_in_a_document() {
+    use EventType::{Heartbeat, Join, Leave};
     let server = RedisServer::start();
     let mut con = server.con().await;
-    let keys = Keys::new("sessions");
     let mut p = Producer::connect(&server.url(), STREAM).await.unwrap();
     let mut cfg = config(&server, "w1");
     cfg.max_user_sessions = 3;
     let w = RunningWorker::spawn(cfg);
-    let ev = |kind, user: &str, session: &str| {
-        let mut e = Event::new(kind, "d", user);
-        e.session = Some(session.into());
-        e
-    };
-    let s = |u: &str, sid: &str, live| (u.to_string(), sid.to_string(), live);
-    use EventType::{Heartbeat, Join, Leave};
     // Three entries: s1 and s3 live, s2 ended.
-    let (_, _, sessions) = phase(
-        &mut p,
-        &mut con,
-        &keys,
-        vec![
-            ev(Join, "u", "s1"),
-            ev(Join, "u", "s2"),
-            ev(Leave, "u", "s2"),
-            ev(Join, "u", "s3"),
-        ],
-    )
-    .await;
-    assert_eq!(
-        sessions,
-        [s("u", "s1", true), s("u", "s2", false), s("u", "s3", true)]
-    );
+    let events = [
+        (Join, "u", "s1"),
+        (Join, "u", "s2"),
+        (Leave, "u", "s2"),
+        (Join, "u", "s3"),
+    ];
+    let (_, _, sessions) = phase(&mut p, &mut con, &events).await;
+    assert_eq!(sessions, ["u/s1 live", "u/s2 ended", "u/s3 live"]);
     // A fourth: the ended s2 makes room.
-    let (_, _, sessions) = phase(&mut p, &mut con, &keys, vec![ev(Join, "u", "s4")]).await;
-    assert_eq!(
-        sessions,
-        [s("u", "s1", true), s("u", "s3", true), s("u", "s4", true)]
-    );
+    let (_, _, sessions) = phase(&mut p, &mut con, &[(Join, "u", "s4")]).await;
+    assert_eq!(sessions, ["u/s1 live", "u/s3 live", "u/s4 live"]);
     // All three live: s5 is refused, its two events dead-lettered; another user is not limited,
     // and u's own sessions still refresh.
-    let (users, count, sessions) = phase(
-        &mut p,
-        &mut con,
-        &keys,
-        vec![
-            ev(Join, "u", "s5"),
-            ev(Heartbeat, "u", "s5"),
-            ev(Join, "v", "t1"),
-            ev(Heartbeat, "u", "s1"),
-        ],
-    )
-    .await;
+    let events = [
+        (Join, "u", "s5"),
+        (Heartbeat, "u", "s5"),
+        (Join, "v", "t1"),
+        (Heartbeat, "u", "s1"),
+    ];
+    let (users, count, sessions) = phase(&mut p, &mut con, &events).await;
     assert_eq!(users, ["u", "v"]);
     assert_eq!(count, Some(2));
     assert_eq!(
         sessions,
-        [
-            s("u", "s1", true),
-            s("u", "s3", true),
-            s("u", "s4", true),
-            s("v", "t1", true)
-        ]
+        ["u/s1 live", "u/s3 live", "u/s4 live", "v/t1 live"]
     );
     let dead = xrange(&mut con, "sessions:events:dead").await;
     assert_eq!(dead.len(), 2, "{dead:?}");
@@ -334,21 +310,11 @@ async fn a_user_keeps_at_most_max_user_sessions_in_a_document() {
         assert!(field(f, "e").is_some() && field(f, "entry_id").is_some());
     }
     // Once u leaves s3, s5 is accepted: the ended s3 makes room.
-    let (_, _, sessions) = phase(
-        &mut p,
-        &mut con,
-        &keys,
-        vec![ev(Leave, "u", "s3"), ev(Join, "u", "s5")],
-    )
-    .await;
+    let events = [(Leave, "u", "s3"), (Join, "u", "s5")];
+    let (_, _, sessions) = phase(&mut p, &mut con, &events).await;
     assert_eq!(
         sessions,
-        [
-            s("u", "s1", true),
-            s("u", "s4", true),
-            s("u", "s5", true),
-            s("v", "t1", true)
-        ]
+        ["u/s1 live", "u/s4 live", "u/s5 live", "v/t1 live"]
     );
     assert_eq!(xlen(&mut con, "sessions:events:dead").await, 2);
     w.stop().await;
