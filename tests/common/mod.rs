@@ -266,10 +266,23 @@ pub async fn wait_drained(con: &mut Conn, stream: &str, group: &str) {
         if pending == 0 && (lag == 0 || delivered_to_end(con, stream, group).await) {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not drained: pending={pending} lag={lag}"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            // What is stuck, for the failure's report: the pending entries (id, consumer, idle
+            // ms, deliveries), the group and its consumers.
+            let mut detail = Vec::new();
+            for words in [
+                vec!["XPENDING", stream, group, "-", "+", "10"],
+                vec!["XINFO", "GROUPS", stream],
+                vec!["XINFO", "CONSUMERS", stream, group],
+            ] {
+                let v: redis::Value = query(con, &words).await;
+                detail.push(format!("{}: {v:?}", words.join(" ")));
+            }
+            panic!(
+                "not drained: pending={pending} lag={lag}\n{}",
+                detail.join("\n")
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
