@@ -52,7 +52,7 @@ pub enum Outcome {
     /// The same event (same id) was already the session's deciding event.
     Duplicate,
     /// A new session of a user who already has `--max-user-sessions` live sessions in the
-    /// document: nothing changed, and its events are dead-lettered.
+    /// document, none silent for the TTL: nothing changed, and its events are dead-lettered.
     Refused,
 }
 
@@ -106,7 +106,9 @@ impl Applier {
 
     /// Most sessions one user keeps in one document (`--max-user-sessions`): live ones, and
     /// ended ones kept for ordering. When a new session would exceed it, the user's earliest
-    /// ended sessions are dropped; when all are live, the new session is [`Outcome::Refused`].
+    /// ended sessions are dropped, or else one silent for the session TTL is ended (expired) and
+    /// dropped; when all are live and refreshed within the TTL, the new session is
+    /// [`Outcome::Refused`].
     pub fn with_max_user_sessions(mut self, max: usize) -> Self {
         self.options = self
             .snapshots

@@ -315,8 +315,9 @@ pub struct RunArgs {
     #[arg(long, env = "PRESENCE_MAX_META_KEYS", default_value_t = 16)]
     pub max_meta_keys: usize,
     /// Most sessions one user keeps in one document, live and ended within --history. A new
-    /// session beyond it drops the user's earliest ended one; when all are live, its events are
-    /// dead-lettered (`too_many_sessions`).
+    /// session beyond it drops the user's earliest ended one, or else ends one silent for
+    /// --session-ttl; when all are live and refreshed, its events are dead-lettered
+    /// (`too_many_sessions`).
     #[arg(long, env = "PRESENCE_MAX_USER_SESSIONS", default_value_t = crate::apply::DEFAULT_USER_SESSIONS)]
     pub max_user_sessions: usize,
 }

@@ -334,3 +334,65 @@ async fn a_user_keeps_at_most_max_user_sessions_in_a_document() {
         );
     }
 }
+
+/// One event of user "u"'s session `session` in document "d", in stream entry `ms`-0; its
+/// outcome.
+async fn apply_one(
+    applier: &presence_worker::apply::Applier,
+    con: &mut presence_worker::connection::Conn,
+    ms: u64,
+    kind: EventType,
+    session: &str,
+) -> presence_worker::apply::Outcome {
+    let mut e = Event::new(kind, "d", "u");
+    e.session = Some(session.into());
+    let docs = presence_worker::coalesce::coalesce(&[(presence_worker::StreamId::new(ms, 0), e)]);
+    applier.apply(con, &docs).await.unwrap()[0].outcomes[0]
+}
+
+/// When all of a user's sessions are live, one silent for the session TTL makes room for a new
+/// one (ended as its expiry visit would end it), rather than the new one being refused.
+#[tokio::test]
+async fn a_session_silent_for_the_ttl_makes_room_for_a_new_one() {
+    use presence_worker::apply::{Applier, Outcome};
+    use EventType::{Heartbeat, Join};
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let keys = Keys::new("sessions");
+    // TTL 1 s, at most 2 sessions per user; no worker runs, so no expiry visit either.
+    let applier = Applier::new(keys.clone(), 600_000, 1000).with_max_user_sessions(2);
+    assert_eq!(
+        apply_one(&applier, &mut con, 1, Join, "s1").await,
+        Outcome::Applied
+    );
+    assert_eq!(
+        apply_one(&applier, &mut con, 2, Join, "s2").await,
+        Outcome::Applied
+    );
+    // Both refreshed just now: no room.
+    assert_eq!(
+        apply_one(&applier, &mut con, 3, Join, "s3").await,
+        Outcome::Refused
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    // s2 is refreshed; s1 has been silent for the TTL and gives way to s3.
+    assert_eq!(
+        apply_one(&applier, &mut con, 4, Heartbeat, "s2").await,
+        Outcome::Applied
+    );
+    assert_eq!(
+        apply_one(&applier, &mut con, 5, Join, "s3").await,
+        Outcome::Applied
+    );
+    let state = inspect(&mut con, &keys, "d").await.unwrap();
+    let sessions: Vec<(&str, bool)> = state
+        .sessions
+        .iter()
+        .map(|s| (s.session.as_str(), s.live))
+        .collect();
+    assert_eq!(sessions, [("s2", true), ("s3", true)]);
+    assert_eq!((state.users, state.count), (vec!["u".to_string()], Some(1)));
+    // The global total counts the two live sessions (s1's end included).
+    let (live, present) = presence_worker::ops::totals(&mut con, &keys).await.unwrap();
+    assert_eq!((live, present), (2, 1));
+}

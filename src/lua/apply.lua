@@ -87,7 +87,10 @@ local max_entries = tonumber(opts.s) or 64
 
 -- Makes room for one more entry in user u's value: while it holds max_entries or more, the
 -- user's earliest ended entry is dropped (its ordering history goes before --history is over).
--- False when no room can be made: all of them are live.
+-- When all are live, the one silent longest, if silent for ttl, ends here as the document's next
+-- visit would end it (expired), and is dropped too: a user whose sessions went silent is not
+-- refused until that visit. False when no room can be made: all of them are live and refreshed
+-- within ttl.
 -- (An entry is at least 29 bytes: its head, a session id of one byte and a PLAIN record; a
 -- shorter value has room without a walk.)
 local ROOMY = max_entries * (4 + 1 + PLAIN)
@@ -101,6 +104,17 @@ local function make_room(u)
     for e, pos, rs in entry_after, rec, 0 do
       local flags, at = flags_at(rec, rs)
       if flags % 2 == 0 and (not oldest or at < oldest) then oldest, from, to = at, pos, e end
+    end
+    if not oldest and ttl > 0 then
+      for e, pos, rs in entry_after, rec, 0 do
+        local _, at = flags_at(rec, rs)
+        if at <= now - ttl and (not oldest or at < oldest) then oldest, from, to = at, pos, e end
+      end
+      if oldest then
+        left_reason = 'expired'
+        session_ended(users[u], true, n > 1)
+        left_reason = 'leave'
+      end
     end
     if not oldest then return false end
     rec, n = ssub(rec, 1, from - 1) .. ssub(rec, to + 1), n - 1
