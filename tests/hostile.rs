@@ -361,29 +361,29 @@ async fn a_session_silent_for_the_ttl_makes_room_for_a_new_one() {
     let keys = Keys::new("sessions");
     // TTL 1 s, at most 2 sessions per user; no worker runs, so no expiry visit either.
     let applier = Applier::new(keys.clone(), 600_000, 1000).with_max_user_sessions(2);
-    assert_eq!(
-        apply_one(&applier, &mut con, 1, Join, "s1").await,
-        Outcome::Applied
-    );
-    assert_eq!(
-        apply_one(&applier, &mut con, 2, Join, "s2").await,
-        Outcome::Applied
-    );
-    // Both refreshed just now: no room.
-    assert_eq!(
-        apply_one(&applier, &mut con, 3, Join, "s3").await,
-        Outcome::Refused
-    );
-    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
-    // s2 is refreshed; s1 has been silent for the TTL and gives way to s3.
-    assert_eq!(
-        apply_one(&applier, &mut con, 4, Heartbeat, "s2").await,
-        Outcome::Applied
-    );
-    assert_eq!(
-        apply_one(&applier, &mut con, 5, Join, "s3").await,
-        Outcome::Applied
-    );
+    // Two sessions; a third while both were refreshed just now: no room. Then, 1.1 s later, s2 is
+    // refreshed and s1, silent for the TTL, gives way to s3.
+    let before = [
+        (1, Join, "s1", Outcome::Applied),
+        (2, Join, "s2", Outcome::Applied),
+        (3, Join, "s3", Outcome::Refused),
+    ];
+    let after = [
+        (4, Heartbeat, "s2", Outcome::Applied),
+        (5, Join, "s3", Outcome::Applied),
+    ];
+    for (i, steps) in [before.as_slice(), after.as_slice()]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        }
+        for &(ms, kind, session, expected) in steps {
+            let outcome = apply_one(&applier, &mut con, ms, kind, session).await;
+            assert_eq!(outcome, expected, "entry {ms}: {kind:?} {session}");
+        }
+    }
     let state = inspect(&mut con, &keys, "d").await.unwrap();
     let sessions: Vec<(&str, bool)> = state
         .sessions
