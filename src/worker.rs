@@ -234,6 +234,28 @@ enum Window {
     ReadFailed,
 }
 
+/// How long a read may take before it is given up even if its connection's response timeout has
+/// not ended it: twice that timeout. A backstop for liveness: after a Redis restart under load a
+/// worker was once seen waiting on a read for over a minute, without a reply or an error.
+fn read_limit(c: &WorkerConfig) -> Duration {
+    c.block + c.response_timeout * 2
+}
+
+/// `read`, or an I/O error (transient: the read is retried, its entries replayed) when it takes
+/// longer than `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    read: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(limit, read).await.unwrap_or_else(|_| {
+        tracing::warn!(?limit, "a read outlived its response timeout: given up");
+        Err(Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "read outlived its response timeout",
+        )))
+    })
+}
+
 /// Waits for every commit in flight; the first error ends the wait (the others' entries stay
 /// pending, to be replayed).
 async fn finish_all<F>(inflight: &mut futures_util::stream::FuturesUnordered<F>) -> Result<()>
@@ -259,15 +281,19 @@ impl Worker {
                 Some(after) => ReadFrom::Pending(after),
                 None => ReadFrom::New(c.block),
             };
+            let limit = read_limit(c);
             let read = guard(
                 &self.breaker,
-                read::read(
-                    &mut self.read_con,
-                    &c.stream,
-                    &c.group,
-                    &c.consumer,
-                    c.batch,
-                    from,
+                bounded(
+                    limit,
+                    read::read(
+                        &mut self.read_con,
+                        &c.stream,
+                        &c.group,
+                        &c.consumer,
+                        c.batch,
+                        from,
+                    ),
                 ),
             );
             let result = if pending.is_some() {
@@ -486,7 +512,7 @@ impl Worker {
         let mut con = self.read_con.clone();
         let from = ReadFrom::New(c.block);
         let read = read::read(&mut con, &c.stream, &c.group, &c.consumer, c.batch, from);
-        let entries = guard(&self.breaker, read).await?;
+        let entries = guard(&self.breaker, bounded(read_limit(c), read)).await?;
         Ok(batch::prepare(
             entries,
             &c.limits,
