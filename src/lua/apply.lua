@@ -97,30 +97,30 @@ local ROOMY = max_entries * (4 + 1 + PLAIN)
 local function make_room(u)
   local rec = recs[u]
   if not rec or #rec < ROOMY then return true end
-  local n = 0
-  for _ in entry_after, rec, 0 do n = n + 1 end
-  while n >= max_entries do
-    local oldest, from, to = nil, nil, nil
+  while true do
+    -- One walk: the entries, the earliest ended one, and the one silent longest past ttl.
+    local n, ended, ended_at, silent, silent_at = 0, nil, nil, nil, nil
+    local cutoff = ttl > 0 and now - ttl or -1
     for e, pos, rs in entry_after, rec, 0 do
+      n = n + 1
       local flags, at = flags_at(rec, rs)
-      if flags % 2 == 0 and (not oldest or at < oldest) then oldest, from, to = at, pos, e end
-    end
-    if not oldest and ttl > 0 then
-      for e, pos, rs in entry_after, rec, 0 do
-        local _, at = flags_at(rec, rs)
-        if at <= now - ttl and (not oldest or at < oldest) then oldest, from, to = at, pos, e end
-      end
-      if oldest then
-        left_reason = 'expired'
-        session_ended(users[u], true, n > 1)
-        left_reason = 'leave'
+      if flags % 2 == 0 then
+        if not ended_at or at < ended_at then ended, ended_at = {pos, e}, at end
+      elseif at <= cutoff and (not silent_at or at < silent_at) then
+        silent, silent_at = {pos, e}, at
       end
     end
-    if not oldest then return false end
-    rec, n = ssub(rec, 1, from - 1) .. ssub(rec, to + 1), n - 1
+    if n < max_entries then return true end
+    local drop = ended or silent
+    if not drop then return false end
+    if not ended then
+      left_reason = 'expired'
+      session_ended(users[u], true, n > 1)
+      left_reason = 'leave'
+    end
+    rec = ssub(rec, 1, drop[1] - 1) .. ssub(rec, drop[2] + 1)
     recs[u], touched[u] = rec, true
   end
-  return true
 end
 
 -- Is stream entry (mh, ml, sh, sl) later than (rmh, rml, rsh, rsl)? (Versions without a seq: the
