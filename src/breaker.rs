@@ -620,7 +620,9 @@ pub async fn guard<T>(breaker: &Breaker, op: impl Future<Output = Result<T>>) ->
     let permit = breaker
         .try_acquire()
         .map_err(|r| Error::BreakerOpen(r.retry_in))?;
+    crate::worker::watchdog::mark();
     let result = op.await;
+    crate::worker::watchdog::mark();
     match &result {
         Err(e) if e.is_transient() => {
             crate::metrics::redis_error(e);

@@ -29,6 +29,11 @@ pub struct Health {
     pub group: String,
     /// The worker's breaker.
     pub breaker: Breaker,
+    /// The consumer loops' liveness.
+    pub loops: Vec<std::sync::Arc<crate::worker::watchdog::Progress>>,
+    /// A loop silent for half of this is reported not ready (the watchdog restarts it at the
+    /// whole).
+    pub stall_limit: Duration,
     /// Renders the metrics.
     pub metrics: PrometheusHandle,
 }
@@ -84,6 +89,14 @@ async fn readyz(State(h): State<Arc<Health>>) -> impl IntoResponse {
 async fn check(h: &Health) -> std::result::Result<(), String> {
     if h.breaker.state() != BreakerState::Closed {
         return Err(format!("circuit breaker {}", h.breaker.state().as_str()));
+    }
+    if let Some(stuck) = h.loops.iter().find(|p| p.silent_for() > h.stall_limit / 2) {
+        return Err(format!(
+            "consumer loop of {} silent for {}s in step {:?}",
+            stuck.name(),
+            stuck.silent_for().as_secs(),
+            stuck.step()
+        ));
     }
     let probe = async {
         let mut con = crate::connection::connect(&h.client, READY_TIMEOUT).await?;

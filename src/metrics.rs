@@ -54,6 +54,9 @@ pub const REDIS_ERRORS: &str = "presence_redis_errors_total";
 pub const BREAKER_STATE: &str = "presence_breaker_state";
 /// Circuit breaker transitions, by the state entered (`to`).
 pub const BREAKER_TRANSITIONS: &str = "presence_breaker_transitions_total";
+/// Consumer loops restarted by the watchdog after a stall (no progress, no error, for the stall
+/// limit). Should stay 0: anything else is a bug to report.
+pub const LOOP_RESTARTS: &str = "presence_loop_restarts_total";
 /// Always 1, with labels `version` and `git_sha`.
 pub const BUILD_INFO: &str = "presence_build_info";
 
@@ -79,6 +82,7 @@ pub const ALL: &[&str] = &[
     REDIS_ERRORS,
     BREAKER_STATE,
     BREAKER_TRANSITIONS,
+    LOOP_RESTARTS,
     BUILD_INFO,
 ];
 
@@ -113,6 +117,8 @@ pub fn install() -> PrometheusHandle {
             let _ = metrics::set_global_recorder(recorder);
             gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION"), "git_sha" => GIT_SHA)
                 .set(1.0);
+            // Exported from the start at 0, so that the alert's increase() sees the first one.
+            counter!(LOOP_RESTARTS).increment(0);
             handle
         })
         .clone()
@@ -193,6 +199,11 @@ pub fn redis_error(e: &Error) {
 pub fn breaker(to: BreakerState) {
     gauge!(BREAKER_STATE).set(to.as_gauge());
     counter!(BREAKER_TRANSITIONS, "to" => to.as_str()).increment(1);
+}
+
+/// Counts a consumer loop restarted by the watchdog.
+pub fn loop_restarted() {
+    counter!(LOOP_RESTARTS).increment(1);
 }
 
 /// Sets the breaker gauge at start-up (before any transition).

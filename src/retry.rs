@@ -47,6 +47,7 @@ where
     let mut attempt = 0;
     loop {
         attempt += 1;
+        crate::worker::watchdog::enter(what);
         match op().await {
             Ok(v) => return Ok(v),
             Err(e) if !e.is_transient() => return Err(e),

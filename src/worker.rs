@@ -3,6 +3,7 @@
 
 mod batch;
 mod periodic;
+pub mod watchdog;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -49,6 +50,8 @@ pub struct Stats {
     pub breaker_opened: AtomicU64,
     /// Times the circuit breaker closed again.
     pub breaker_closed: AtomicU64,
+    /// Consumer loops the watchdog restarted (see [`watchdog`]): should stay 0.
+    pub loop_restarts: AtomicU64,
     /// Snapshot requests this worker emitted.
     pub snapshots: AtomicU64,
     /// Where the HTTP listener is bound, once it is.
@@ -105,6 +108,7 @@ pub async fn run_with_stats(
         };
         counter.fetch_add(1, Ordering::Relaxed);
     });
+    let progress: Vec<_> = streams.iter().map(watchdog::Progress::new).collect();
     let handle = crate::metrics::install();
     crate::metrics::breaker_initial(breaker.state());
     tokio::spawn(crate::metrics::upkeep(handle.clone(), shutdown.clone()));
@@ -115,6 +119,8 @@ pub async fn run_with_stats(
             group: config.group.clone(),
             breaker: breaker.clone(),
             metrics: handle,
+            loops: progress.clone(),
+            stall_limit: stall_limit(&config),
         });
         match crate::http::serve(addr, health, shutdown.clone()).await {
             Ok(bound) => {
@@ -160,6 +166,8 @@ pub async fn run_with_stats(
             streams: streams.clone(),
             apply_con: apply_con.clone(),
             read_con: connection::connect(&client, config.block + config.response_timeout).await?,
+            client: client.clone(),
+            progress: progress[i].clone(),
             shutdown: shutdown.clone(),
             stats: stats.clone(),
             caught_up: false,
@@ -175,7 +183,7 @@ pub async fn run_with_stats(
         });
     }
     let runs = workers.iter_mut().map(|w| async {
-        let result = w.run().await;
+        let result = w.supervised().await;
         if result.is_err() {
             // A fatal error stops every loop, each after its batch in hand.
             w.shutdown.cancel();
@@ -200,6 +208,10 @@ struct Worker {
     acker: Acker,
     apply_con: Conn,
     read_con: Conn,
+    /// Where Redis is: a loop restarted by the watchdog opens fresh connections.
+    client: connection::Client,
+    /// This loop's liveness, watched by [`Worker::supervised`].
+    progress: Arc<watchdog::Progress>,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
     /// Guards every Redis call: while open, nothing is sent.
@@ -241,6 +253,15 @@ fn read_limit(c: &WorkerConfig) -> Duration {
     c.block + c.response_timeout * 2
 }
 
+/// How long a consumer loop may go without a mark (a Redis call started or ended, a step
+/// entered) before the watchdog restarts it: three of its longest reads plus a breaker cooldown
+/// and 5 s, and at least 30 s. No loop that works waits that long: every call is bounded by a
+/// timeout, every retry sleep by a cooldown.
+pub fn stall_limit(c: &WorkerConfig) -> Duration {
+    let cooldown = c.breaker.cooldown.mul_f64(1.0 + c.breaker.jitter.max(0.0));
+    (read_limit(c) * 3 + cooldown + Duration::from_secs(5)).max(Duration::from_secs(30))
+}
+
 /// `read`, or an I/O error (transient: the read is retried, its entries replayed) when it takes
 /// longer than `limit`.
 async fn bounded<T>(
@@ -270,6 +291,50 @@ where
 }
 
 impl Worker {
+    /// [`Worker::run`] under the watchdog: when the loop is silent for [`stall_limit`], it is
+    /// dropped wherever it waits (what it read stays pending), logged with the step it was in,
+    /// and started again on fresh connections (replaying its pending entries first).
+    async fn supervised(&mut self) -> Result<()> {
+        let limit = stall_limit(&self.config);
+        loop {
+            let progress = self.progress.clone();
+            if let Some(result) = watchdog::supervise(&progress, limit, self.run()).await {
+                return result;
+            }
+            crate::metrics::loop_restarted();
+            self.stats.loop_restarts.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                stream = %progress.name(), step = progress.step(), silent = ?progress.silent_for(),
+                "consumer loop stalled without an error: restarting it on fresh connections"
+            );
+            if self.shutdown.is_cancelled() {
+                return Ok(());
+            }
+            self.reconnect().await;
+        }
+    }
+
+    /// Replaces this loop's connections (after a stall: the old ones are suspect); keeps the old
+    /// ones when Redis cannot be reached now (their own reconnection goes on).
+    async fn reconnect(&mut self) {
+        let c = &self.config;
+        let fresh = async {
+            let read = connection::connect(&self.client, c.block + c.response_timeout).await?;
+            let apply = connection::connect(&self.client, c.response_timeout).await?;
+            Ok::<_, Error>((read, apply))
+        };
+        match tokio::time::timeout(Duration::from_secs(30), fresh).await {
+            Ok(Ok((read, apply))) => {
+                self.read_con = read;
+                self.apply_con = apply;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "cannot open fresh connections: keeping the old ones")
+            }
+            Err(_) => tracing::warn!("opening fresh connections timed out: keeping the old ones"),
+        }
+    }
+
     async fn run(&mut self) -> Result<()> {
         // Start by replaying our own pending entries: a previous run (or a read that timed out on
         // our side) may have left some. `None` once they are done and we read new entries.
@@ -281,6 +346,11 @@ impl Worker {
                 Some(after) => ReadFrom::Pending(after),
                 None => ReadFrom::New(c.block),
             };
+            watchdog::enter(if pending.is_some() {
+                "replay pending"
+            } else {
+                "read"
+            });
             let limit = read_limit(c);
             let read = guard(
                 &self.breaker,
@@ -379,6 +449,7 @@ impl Worker {
     /// On shutdown: entries a read we stopped waiting for may still have put in our pending list
     /// are processed too, within the drain timeout, so a clean stop leaves nothing pending.
     async fn drain_pending(&mut self) {
+        watchdog::enter("drain");
         let deadline = Instant::now() + self.config.drain_timeout;
         let mut after = StreamId::default();
         while Instant::now() < deadline {
@@ -475,6 +546,7 @@ impl Worker {
                 }
             }
             if read.is_none() && ready.is_none() {
+                watchdog::enter("read ahead");
                 read = Some(Box::pin(self.read_ahead()));
             }
             // The read first (biased): polled before the commits, it is queued at Redis first.

@@ -8,8 +8,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{
-    Stats, Worker, EXPIRE_DOCS_PER_ROUND, FLUSH_EVERY, HOUSEKEEPING_EVERY, OWN_CHECK_EVERY,
-    SAMPLE_EVERY,
+    watchdog, Stats, Worker, EXPIRE_DOCS_PER_ROUND, FLUSH_EVERY, HOUSEKEEPING_EVERY,
+    OWN_CHECK_EVERY, SAMPLE_EVERY,
 };
 use crate::apply::Applier;
 use crate::breaker::{guard, Breaker};
@@ -27,12 +27,14 @@ impl Worker {
         let c = &self.config;
         if !c.claim_idle.is_zero() && now >= self.next_reclaim {
             self.next_reclaim = now + (c.claim_idle / 2).max(Duration::from_millis(100));
+            watchdog::enter("reclaim");
             if let Err(e) = self.reclaim().await {
                 tracing::warn!(error = %e, "reclaim failed");
             }
         }
         if now >= self.next_own_check {
             self.next_own_check = now + OWN_CHECK_EVERY;
+            watchdog::enter("own pending check");
             let c = &self.config;
             // Longer than any read or batch in hand can take.
             let idle = ((c.block + c.response_timeout) * 3).max(Duration::from_secs(5));
@@ -51,6 +53,7 @@ impl Worker {
             // Every loop reclaims and trims its own stream; the rest is the first loop's.
             if now >= self.next_housekeeping {
                 self.next_housekeeping = now + HOUSEKEEPING_EVERY;
+                watchdog::enter("housekeeping");
                 let breaker = self.breaker.clone();
                 if let Err(e) = guard(&breaker, self.housekeeping()).await {
                     tracing::warn!(error = %e, "housekeeping failed");
@@ -92,6 +95,7 @@ impl Worker {
                 FLUSH_EVERY
             };
             self.next_flush = now + every;
+            watchdog::enter("flush outboxes");
             let (flusher, breaker) = (self.flusher.clone(), self.breaker.clone());
             match guard(&breaker, flusher.flush_all(&mut self.apply_con)).await {
                 Ok(n) if n > 0 => {
@@ -108,6 +112,7 @@ impl Worker {
                 SAMPLE_EVERY
             };
             self.next_sample = now + every;
+            watchdog::enter("sample");
             let breaker = self.breaker.clone();
             if let Err(e) = guard(&breaker, self.sample()).await {
                 tracing::debug!(error = %e, "sampling failed");
@@ -115,6 +120,7 @@ impl Worker {
         }
         if now >= self.next_housekeeping {
             self.next_housekeeping = now + HOUSEKEEPING_EVERY;
+            watchdog::enter("housekeeping");
             let breaker = self.breaker.clone();
             if let Err(e) = guard(&breaker, self.housekeeping()).await {
                 tracing::warn!(error = %e, "housekeeping failed");

@@ -245,6 +245,13 @@ impl RunningWorker {
             .expect("worker stops within 20s")
             .expect("worker task");
         r.expect("worker ends without error");
+        assert_eq!(
+            self.stats
+                .loop_restarts
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "the watchdog restarted a consumer loop (its log line names the step)"
+        );
     }
 
     /// Kills it abruptly (the task is aborted wherever it is).
