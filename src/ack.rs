@@ -32,8 +32,9 @@ pub struct Acker {
 }
 
 impl Acker {
-    /// Appends the dead letters, then acknowledges `ids`, in one `MULTI`/`EXEC`: either both
-    /// happen or neither, so a retry never writes a dead letter twice.
+    /// Appends the dead letters, then acknowledges `ids` and deletes the batch's `lease` (see
+    /// [`crate::lease`]), in one `MULTI`/`EXEC`: either all happen or none, so a retry never
+    /// writes a dead letter twice.
     ///
     /// On a Redis Cluster the two streams live in different hash slots, so no transaction spans
     /// them: the dead letters are appended first, then the entries acknowledged. Nothing is lost;
@@ -43,8 +44,9 @@ impl Acker {
         con: &mut Conn,
         dead: &[DeadLetter],
         ids: &[StreamId],
+        lease: Option<&str>,
     ) -> Result<()> {
-        if dead.is_empty() && ids.is_empty() {
+        if dead.is_empty() && ids.is_empty() && lease.is_none() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
@@ -71,6 +73,10 @@ impl Acker {
                 cmd.arg(id.text());
             }
             cmd.ignore();
+        }
+        if let Some(field) = lease {
+            let leases = crate::lease::key(&self.stream, &self.group);
+            pipe.cmd("HDEL").arg(leases).arg(field).ignore();
         }
         pipe.query_async::<()>(con).await?;
         Ok(())

@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! The modules follow the data flow of a batch:
-//! - [`read`]: the consumer group and `XREADGROUP` (blocking on a connection of its own);
+//! - [`read`]: the consumer group and `XREADGROUP` (blocking on a connection of its own), and
+//!   [`lease`]: in a backlog, reads without the pending-entries list, each batch under a lease;
 //! - [`event`]: wire format v1, decoding and validation ([`limits`] bounds the input);
 //! - [`coalesce`]: the deciding events per session, grouped by document;
 //! - [`apply`]: one atomic Lua script per document (`lua/apply.lua`), pipelined;
@@ -39,6 +40,7 @@ pub mod http;
 pub mod ids;
 pub mod inspect;
 pub mod keys;
+pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod ops;

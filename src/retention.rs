@@ -26,6 +26,13 @@ pub async fn trim(con: &mut Conn, stream: &str, retain: Duration) -> Result<u64>
         if let Some(oldest) = oldest_pending(con, stream, &g.name).await? {
             cut = cut.min(oldest);
         }
+        // Nor what a lease covers (see `lease`): its entries are replayed from the stream.
+        for lease in crate::lease::list(con, stream, &g.name).await? {
+            cut = cut.min(StreamId::new(
+                lease.after.ms,
+                lease.after.seq.saturating_add(1),
+            ));
+        }
     }
     let removed: u64 = redis::cmd("XTRIM")
         .arg(stream)

@@ -42,7 +42,9 @@ pub struct Stats {
     pub dead_lettered: AtomicU64,
     /// Pending entries whose payload had been trimmed away.
     pub trimmed: AtomicU64,
-    /// Entries reclaimed from other consumers.
+    /// Entries read under a lease, without the pending-entries list (see [`crate::lease`]).
+    pub leased: AtomicU64,
+    /// Entries reclaimed from other consumers (pending entries and leases).
     pub reclaimed: AtomicU64,
     /// Sessions expired by this worker.
     pub expired: AtomicU64,
@@ -379,6 +381,18 @@ impl Worker {
                 Ok(entries) if entries.is_empty() => {
                     if pending.take().is_none() {
                         self.caught_up = true;
+                    } else if let Err(e) = self.replay_leases(true).await {
+                        // Replayed again, with the pending entries, after a pause.
+                        if retry::is_fatal(&e) {
+                            return Err(e);
+                        }
+                        pending = Some(StreamId::default());
+                        let delay = delays.next().unwrap_or(Duration::from_secs(2));
+                        tracing::warn!(error = %e, retry_in = ?delay, "replaying own leases failed");
+                        tokio::select! {
+                            _ = self.shutdown.cancelled() => break,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
                     }
                 }
                 Ok(entries) => {
@@ -530,6 +544,9 @@ impl Worker {
             if let Some(batch) = ready.take() {
                 let short = batch.size < self.config.batch;
                 if short || self.shutdown.is_cancelled() {
+                    if batch.has_pending() && self.leased() {
+                        finish_all(&mut inflight).await?;
+                    }
                     inflight.push(self.commit(batch, false));
                     finish_all(&mut inflight).await?;
                     return Ok((Window::Done, short));
@@ -537,6 +554,12 @@ impl Worker {
                 if committed == WINDOW {
                     finish_all(&mut inflight).await?;
                     return Ok((Window::Next(batch), false));
+                }
+                if batch.has_pending() && !inflight.is_empty() && self.leased() {
+                    // Entries from the pending-entries list are acknowledged only after the
+                    // leased batches before them: "no lag and nothing pending" must still mean
+                    // everything delivered was applied.
+                    finish_all(&mut inflight).await?;
                 }
                 if inflight.len() < 2 {
                     inflight.push(self.commit(batch, false));
@@ -578,18 +601,83 @@ impl Worker {
         }
     }
 
-    /// Reads the next batch of new entries (on the blocking read connection) and prepares it.
+    /// Whether backlog reads are leased (see [`crate::lease`]): not on a Redis Cluster.
+    fn leased(&self) -> bool {
+        !self.apply_con.is_cluster()
+    }
+
+    /// Reads the next batch of new entries and prepares it: a leased read (without blocking: in
+    /// a backlog there is always something), or on a cluster a blocking read on the read
+    /// connection.
     async fn read_ahead(&self) -> Result<batch::Prepared> {
         let c = &self.config;
         let mut con = self.read_con.clone();
-        let from = ReadFrom::New(c.block);
-        let read = read::read(&mut con, &c.stream, &c.group, &c.consumer, c.batch, from);
-        let entries = guard(&self.breaker, bounded(read_limit(c), read)).await?;
-        Ok(batch::prepare(
-            entries,
-            &c.limits,
-            c.max_deliveries,
-            &HashMap::new(),
-        ))
+        let (limits, max) = (&c.limits, c.max_deliveries);
+        if !self.leased() {
+            let from = ReadFrom::New(c.block);
+            let read = read::read(&mut con, &c.stream, &c.group, &c.consumer, c.batch, from);
+            let entries = guard(&self.breaker, bounded(read_limit(c), read)).await?;
+            return Ok(batch::prepare(entries, limits, max, &HashMap::new()));
+        }
+        let read = crate::lease::read(&mut con, &c.stream, &c.group, &c.consumer, c.batch);
+        let read = guard(&self.breaker, bounded(read_limit(c), read)).await?;
+        let ids = read.pending.iter().map(|e| e.id).collect();
+        let n = read.leased.len() as u64;
+        self.stats.leased.fetch_add(n, Ordering::Relaxed);
+        let mut entries = read.pending;
+        entries.extend(read.leased);
+        let batch = batch::prepare(entries, limits, max, &HashMap::new());
+        Ok(batch.acked_by(ids, read.lease))
+    }
+
+    /// Replays leases left behind (see [`crate::lease`]): this consumer's own (`own`: at start
+    /// and after a failed batch, when none of its batches is in flight), or other consumers'
+    /// older than `--claim-idle`, taken over. Each is taken with one more attempt, its entries
+    /// read again with `XRANGE` and applied, then the lease deleted.
+    async fn replay_leases(&mut self, own: bool) -> Result<()> {
+        if !self.leased() {
+            return Ok(());
+        }
+        watchdog::enter("replay leases");
+        let c = &self.config;
+        let list = crate::lease::list(&mut self.apply_con, &c.stream, &c.group);
+        let leases = guard(&self.breaker, list).await?;
+        let now = crate::ids::now_ms();
+        let idle = c.claim_idle.as_millis() as i64;
+        for lease in leases {
+            let c = &self.config;
+            let mine = lease.consumer == c.consumer;
+            let due = if own {
+                mine
+            } else {
+                !mine && idle > 0 && now - lease.at_ms > idle
+            };
+            if !due {
+                continue;
+            }
+            let (stream, group) = (&c.stream, &c.group);
+            let take = crate::lease::take(&mut self.apply_con, stream, group, &lease, &c.consumer);
+            let Some(taken) = guard(&self.breaker, take).await? else {
+                continue;
+            };
+            let read = crate::lease::entries(&mut self.apply_con, stream, &taken);
+            let entries = guard(&self.breaker, read).await?;
+            tracing::info!(
+                entries = entries.len(), from = %lease.consumer, after = %lease.after,
+                attempts = taken.attempts, "replaying a lease left behind"
+            );
+            if !mine {
+                self.stats
+                    .reclaimed
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                crate::metrics::reclaimed(entries.len() as u64, 0);
+            }
+            let deliveries = entries.iter().map(|e| (e.id, taken.attempts)).collect();
+            let c = &self.config;
+            let batch = batch::prepare(entries, &c.limits, c.max_deliveries, &deliveries);
+            self.commit(batch.acked_by(Vec::new(), Some(taken.field)), true)
+                .await?;
+        }
+        Ok(())
     }
 }

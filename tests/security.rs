@@ -271,6 +271,11 @@ async fn the_readme_acl_users_run_the_whole_flow() {
     );
     assert_ok(&out, "publish with the producer's URL");
 
+    // A replica gone for good left a lease (a backlog read of 4 entries it never applied).
+    presence_worker::lease::read(&mut admin, STREAM, "presence", "gone", 4)
+        .await
+        .expect("a lease");
+
     // The change feed, watched by an operator (RESP3, SSUBSCRIBE).
     let mut watch = command(&["watch", "42"], &[("REDIS_URL", ops_url.as_str())])
         .stdout(Stdio::piped())
@@ -289,6 +294,9 @@ async fn the_readme_acl_users_run_the_whole_flow() {
     c.session_ttl = Duration::from_secs(2);
     c.claim_idle = Duration::from_millis(200);
     c.consumer_idle = Duration::from_millis(1);
+    // Batches smaller than the backlog: leased reads (EVAL, HSET, HDEL), and the gone replica's
+    // lease taken over (XRANGE).
+    c.batch = 8;
     c.http_addr = Some("127.0.0.1:0".parse().unwrap());
     c.snapshots = SnapshotConfig {
         thresholds: vec![2],
@@ -298,6 +306,14 @@ async fn the_readme_acl_users_run_the_whole_flow() {
     };
     let w = RunningWorker::spawn(c);
     wait_drained(&mut admin, STREAM, "presence").await;
+    assert!(
+        w.stats.leased.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "leased reads"
+    );
+    assert!(
+        w.stats.reclaimed.load(std::sync::atomic::Ordering::Relaxed) >= 4,
+        "the lease taken over"
+    );
     let encoding: String = redis::cmd("OBJECT")
         .arg("ENCODING")
         .arg("sessions:doc:{big}:records")

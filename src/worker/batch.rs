@@ -29,6 +29,24 @@ pub(super) struct Prepared {
     docs: Vec<DocUpdate>,
     /// Pending entries whose payload had been trimmed away.
     trimmed: u64,
+    /// The batch's lease, deleted when it is acknowledged (see [`crate::lease`]); its leased
+    /// entries are not in `ids`.
+    lease: Option<String>,
+}
+
+impl Prepared {
+    /// Acknowledged by `XACK` of `ids` (the entries read through the pending-entries list) and
+    /// by deleting `lease`, instead of `XACK` of every entry.
+    pub(super) fn acked_by(mut self, ids: Vec<StreamId>, lease: Option<String>) -> Self {
+        self.ids = ids;
+        self.lease = lease;
+        self
+    }
+
+    /// Whether acknowledging it takes entries out of the pending-entries list.
+    pub(super) fn has_pending(&self) -> bool {
+        !self.ids.is_empty()
+    }
 }
 
 /// Decodes and coalesces `entries` (no Redis, so it can run while another batch is applied).
@@ -83,6 +101,7 @@ pub(super) fn prepare(
         dead,
         docs,
         trimmed,
+        lease: None,
     }
 }
 
@@ -123,6 +142,7 @@ impl Worker {
             mut dead,
             docs,
             trimmed,
+            lease,
         } = batch;
         self.stats.trimmed.fetch_add(trimmed, Ordering::Relaxed);
         let started = Instant::now();
@@ -144,8 +164,8 @@ impl Worker {
         let shutdown = self.shutdown.clone();
         retry::until_done("acknowledge", &shutdown, self.config.drain_timeout, || {
             let mut con = con.clone();
-            let (dead, ids) = (&dead, &ids);
-            async move { guard(breaker, acker.finish(&mut con, dead, ids)).await }
+            let (dead, ids, lease) = (&dead, &ids, lease.as_deref());
+            async move { guard(breaker, acker.finish(&mut con, dead, ids, lease)).await }
         })
         .await?;
         Ok(())

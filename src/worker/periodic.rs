@@ -163,7 +163,7 @@ impl Worker {
             }
             cursor = claimed.next;
         }
-        Ok(())
+        self.replay_leases(false).await
     }
 
     /// Trims the stream and removes consumers that are gone.

@@ -270,7 +270,13 @@ pub async fn wait_drained(con: &mut Conn, stream: &str, group: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let (pending, lag) = group_pending_lag(con, stream, group).await;
-        if pending == 0 && (lag == 0 || delivered_to_end(con, stream, group).await) {
+        // Leases (backlog batches read without the pending-entries list) count as pending.
+        let leases: u64 = redis::cmd("HLEN")
+            .arg(presence_worker::lease::key(stream, group))
+            .query_async(con)
+            .await
+            .expect("HLEN leases");
+        if pending == 0 && leases == 0 && (lag == 0 || delivered_to_end(con, stream, group).await) {
             return;
         }
         if tokio::time::Instant::now() >= deadline {
