@@ -27,6 +27,9 @@ pub const END_TO_END_DELAY: &str = "presence_end_to_end_delay_seconds";
 pub const GROUP_LAG: &str = "presence_group_lag";
 /// Entries delivered but not acknowledged, by `group`.
 pub const GROUP_PENDING: &str = "presence_group_pending";
+/// Leases of backlog batches read and not yet acknowledged (see [`crate::lease`]), by `group`:
+/// the pending entries of leased reads. One that stays is a replica that died holding it.
+pub const GROUP_LEASES: &str = "presence_group_leases";
 /// Entries in the events stream.
 pub const STREAM_LENGTH: &str = "presence_stream_length";
 /// Entries in the dead-letter stream.
@@ -69,6 +72,7 @@ pub const ALL: &[&str] = &[
     END_TO_END_DELAY,
     GROUP_LAG,
     GROUP_PENDING,
+    GROUP_LEASES,
     STREAM_LENGTH,
     DEAD_LETTER_STREAM_LENGTH,
     LIVE_SESSIONS,
@@ -212,7 +216,8 @@ pub fn breaker_initial(state: BreakerState) {
 }
 
 /// Sets the sampled gauges of one group.
-pub fn group(group: &str, lag: Option<u64>, pending: u64) {
+pub fn group(group: &str, lag: Option<u64>, pending: u64, leases: u64) {
+    gauge!(GROUP_LEASES, "group" => group.to_owned()).set(leases as f64);
     if let Some(lag) = lag {
         gauge!(GROUP_LAG, "group" => group.to_owned()).set(lag as f64);
     }

@@ -190,7 +190,7 @@ fn exported_types() -> BTreeMap<String, String> {
     metrics::retry("read");
     metrics::redis_error(&presence_worker::Error::Protocol("test".into()));
     metrics::breaker(presence_worker::breaker::BreakerState::Open);
-    metrics::group("presence", Some(1), 1);
+    metrics::group("presence", Some(1), 1, 1);
     metrics::sampled(1, 1, 1, 1);
     handle
         .render()

@@ -195,21 +195,27 @@ impl Worker {
     /// lengths, and the totals of live sessions and present users.
     async fn sample(&mut self) -> Result<()> {
         // Lag is unknown (None) when any shard cannot tell it.
-        let mut groups: std::collections::BTreeMap<String, (Option<u64>, u64)> = Default::default();
+        let mut groups: std::collections::BTreeMap<String, (Option<u64>, u64, u64)> =
+            Default::default();
         let mut len = 0;
         for stream in &self.streams {
             for g in retention::groups(&mut self.apply_con, stream).await? {
-                let sum = groups.entry(g.name).or_insert((Some(0), 0));
+                let leases: u64 = redis::cmd("HLEN")
+                    .arg(crate::lease::key(stream, &g.name))
+                    .query_async(&mut self.apply_con)
+                    .await?;
+                let sum = groups.entry(g.name).or_insert((Some(0), 0, 0));
                 sum.0 = sum.0.zip(g.lag).map(|(a, b)| a + b);
                 sum.1 += g.pending;
+                sum.2 += leases;
             }
             len += redis::cmd("XLEN")
                 .arg(stream)
                 .query_async::<u64>(&mut self.apply_con)
                 .await?;
         }
-        for (name, (lag, pending)) in &groups {
-            metrics::group(name, *lag, *pending);
+        for (name, (lag, pending, leases)) in &groups {
+            metrics::group(name, *lag, *pending, *leases);
         }
         let c = &self.config;
         let dead_stream = &c.dead_letter_stream;
