@@ -8,7 +8,7 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::model::assert_state;
+use common::model::{assert_state, Model};
 use common::workload::{append, generate, model_of, STREAM};
 use common::{config, create_group, group_pending_lag, wait_drained, xlen, RedisServer};
 use common::{field, xrange, RunningWorker};
@@ -19,6 +19,17 @@ const GROUP: &str = "presence";
 
 async fn leases(con: &mut Conn) -> Vec<lease::Lease> {
     lease::list(con, STREAM, GROUP).await.expect("leases")
+}
+
+/// A server whose stream holds `n` generated entries (seed `seed`) and the group, created at the
+/// start; with a connection and the entries' model.
+async fn backlog(seed: u64, n: usize) -> (RedisServer, Conn, Model) {
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let entries = generate(seed, n);
+    append(&mut con, &entries).await;
+    create_group(&mut con, STREAM, GROUP).await;
+    (server, con, model_of(&entries).0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,10 +56,7 @@ async fn a_backlog_is_read_under_leases_and_leaves_none() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_read_that_reaches_the_end_goes_through_the_pending_list() {
-    let server = RedisServer::start();
-    let mut con = server.con().await;
-    append(&mut con, &generate(42, 250)).await;
-    create_group(&mut con, STREAM, GROUP).await;
+    let (_server, mut con, _) = backlog(42, 250).await;
     // 250 left, 100 asked: a lease and no pending entry.
     let r = lease::read(&mut con, STREAM, GROUP, "dead", 100)
         .await
@@ -74,12 +82,7 @@ async fn the_read_that_reaches_the_end_goes_through_the_pending_list() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_left_by_a_dead_consumer_is_taken_over_and_applied() {
-    let server = RedisServer::start();
-    let mut con = server.con().await;
-    let entries = generate(43, 3_000);
-    let (model, _) = model_of(&entries);
-    append(&mut con, &entries).await;
-    create_group(&mut con, STREAM, GROUP).await;
+    let (server, mut con, model) = backlog(43, 3_000).await;
     // A consumer reads 2,000 entries under a lease, and dies before applying them: the group
     // shows nothing pending for them.
     let r = lease::read(&mut con, STREAM, GROUP, "dead", 2_000)
@@ -99,12 +102,7 @@ async fn a_lease_left_by_a_dead_consumer_is_taken_over_and_applied() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_replays_its_own_lease_when_it_starts() {
-    let server = RedisServer::start();
-    let mut con = server.con().await;
-    let entries = generate(44, 1_500);
-    let (model, _) = model_of(&entries);
-    append(&mut con, &entries).await;
-    create_group(&mut con, STREAM, GROUP).await;
+    let (server, mut con, model) = backlog(44, 1_500).await;
     lease::read(&mut con, STREAM, GROUP, "w1", 1_000)
         .await
         .unwrap();
@@ -121,10 +119,7 @@ async fn a_consumer_replays_its_own_lease_when_it_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_delivered_too_often_is_dead_lettered() {
-    let server = RedisServer::start();
-    let mut con = server.con().await;
-    append(&mut con, &generate(45, 300)).await;
-    create_group(&mut con, STREAM, GROUP).await;
+    let (server, mut con, _) = backlog(45, 300).await;
     let r = lease::read(&mut con, STREAM, GROUP, "w1", 100)
         .await
         .unwrap();
@@ -156,10 +151,7 @@ async fn a_lease_delivered_too_often_is_dead_lettered() {
 
 #[tokio::test]
 async fn trimming_keeps_what_a_lease_covers() {
-    let server = RedisServer::start();
-    let mut con = server.con().await;
-    append(&mut con, &generate(46, 5_000)).await;
-    create_group(&mut con, STREAM, GROUP).await;
+    let (_server, mut con, _) = backlog(46, 5_000).await;
     let r = lease::read(&mut con, STREAM, GROUP, "dead", 4_000)
         .await
         .unwrap();
