@@ -32,8 +32,8 @@ fn render_status(st: &crate::ops::Status) -> String {
     );
     let _ = writeln!(
         s,
-        "\n{:<20} {:>10} {:>10} {:>14}  last delivered",
-        "group", "lag", "pending", "oldest pending"
+        "\n{:<20} {:>10} {:>10} {:>14} {:>7}  last delivered",
+        "group", "lag", "pending", "oldest pending", "leases"
     );
     for g in &st.groups {
         let lag = g.lag.map_or("?".to_owned(), |l| l.to_string());
@@ -42,8 +42,8 @@ fn render_status(st: &crate::ops::Status) -> String {
             .map_or("-".to_owned(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
         let _ = writeln!(
             s,
-            "{:<20} {lag:>10} {:>10} {age:>14}  {}",
-            g.name, g.pending, g.last_delivered
+            "{:<20} {lag:>10} {:>10} {age:>14} {:>7}  {}",
+            g.name, g.pending, g.leases, g.last_delivered
         );
         for c in &g.consumers {
             let _ = writeln!(

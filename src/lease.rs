@@ -44,6 +44,9 @@ pub struct LeasedRead {
     pub leased: Vec<Entry>,
     /// The lease's field, when one was recorded.
     pub lease: Option<String>,
+    /// The read delivered entries that no lease covers (the lease script failed): apply them,
+    /// and stop reading with leases.
+    pub uncovered: bool,
 }
 
 /// Reads up to `count` new entries for `consumer` without blocking: a lease and a `NOACK` read in
@@ -59,6 +62,13 @@ pub async fn read(
     let leases = key(stream, group);
     let mut pipe = redis::pipe();
     pipe.atomic();
+    // A command Redis refuses when out of memory (`SET … XX` of a key that never exists: it writes
+    // nothing): with it, a Redis at `maxmemory` refuses the whole `EXEC`, where it would otherwise
+    // fail the script's lease write and still run the read.
+    pipe.cmd("SET")
+        .arg(format!("{leases}:guard"))
+        .arg("")
+        .arg("XX");
     pipe.cmd("EVAL")
         .arg(SCRIPT)
         .arg(2)
@@ -78,43 +88,55 @@ pub async fn read(
         .arg("STREAMS")
         .arg(stream)
         .arg(">");
-    // The raw reply (see `read::read`): MULTI's OK, two QUEUED, then EXEC's array.
-    let mut replies = redis::aio::ConnectionLike::req_packed_commands(con, &pipe, 3, 1).await?;
+    // The raw reply (see `read::read`): MULTI's OK, three QUEUED, then EXEC's array.
+    let mut replies = redis::aio::ConnectionLike::req_packed_commands(con, &pipe, 4, 1).await?;
     let exec = replies.pop().unwrap_or(Value::Nil);
     let Value::Array(mut parts) = exec else {
         return Err(unexpected("EXEC reply", &exec));
     };
-    if parts.len() != 2 {
+    if parts.len() != 3 {
         return Err(Error::Protocol(format!("EXEC of {} replies", parts.len())));
     }
     let read = parts.pop().unwrap_or(Value::Nil);
     let script = parts.pop().unwrap_or(Value::Nil);
     // A failed read (NOGROUP, ...) is the error that matters; it delivered nothing.
     let leased = parse_read_reply(read)?;
-    let (lease, pending) = match script {
+    let script = match script {
         Value::Array(mut two) if two.len() == 2 => {
             let entries = match two.pop() {
                 Some(Value::Array(entries)) => entries
                     .into_iter()
                     .map(parse_entry)
-                    .collect::<Result<Vec<_>>>()?,
-                other => return Err(unexpected("lease entries", &other.unwrap_or(Value::Nil))),
+                    .collect::<Result<Vec<_>>>(),
+                other => Err(unexpected("lease entries", &other.unwrap_or(Value::Nil))),
             };
             let field = match two.pop() {
                 Some(Value::BulkString(b)) => Some(String::from_utf8_lossy(&b).into_owned()),
                 _ => None,
             };
-            (field, entries)
+            entries.map(|entries| (field, entries))
         }
-        Value::ServerError(e) if !leased.is_empty() => {
-            // The script failed but the read delivered: record the lease now from what was read
-            // (the entries are in hand; only a crash before this write could lose them).
-            tracing::warn!(error = ?e, "lease script failed; recording the lease from the read");
-            let field = cover(con, stream, group, consumer, &leased).await?;
-            (Some(field), Vec::new())
+        other => Err(unexpected("lease reply", &other)),
+    };
+    let (lease, pending) = match script {
+        Ok((None, _)) | Err(_) if !leased.is_empty() => {
+            // The read delivered entries no lease covers (the script failed: an ACL, a full
+            // Redis). They are in hand: they are returned, to be applied (nothing to acknowledge),
+            // with `uncovered` set so that the caller stops reading this way. Only a crash
+            // before they are applied could lose them.
+            let why = script
+                .err()
+                .map_or("no lease recorded".into(), |e| e.to_string());
+            tracing::error!(error = %why, entries = leased.len(), "a NOACK read without its lease");
+            return Ok(LeasedRead {
+                pending: Vec::new(),
+                leased,
+                lease: None,
+                uncovered: true,
+            });
         }
-        Value::ServerError(e) => return Err(Error::Redis(e.into())),
-        other => return Err(unexpected("lease reply", &other)),
+        Err(e) => return Err(e),
+        Ok(found) => found,
     };
     let lease = match lease {
         Some(field) if leased.is_empty() => {
@@ -127,32 +149,8 @@ pub async fn read(
         pending,
         leased,
         lease,
+        uncovered: false,
     })
-}
-
-/// Records a lease covering `entries` (read without one).
-async fn cover(
-    con: &mut Conn,
-    stream: &str,
-    group: &str,
-    consumer: &str,
-    entries: &[Entry],
-) -> Result<String> {
-    let first = entries.first().map(|e| e.id).unwrap_or_default();
-    let after = if first.seq > 0 {
-        StreamId::new(first.ms, first.seq - 1)
-    } else {
-        StreamId::new(first.ms.saturating_sub(1), u64::MAX)
-    };
-    let field = format!("{after}|{consumer}");
-    let value = format!("{}|{}|1", entries.len(), crate::ids::now_ms());
-    redis::cmd("HSET")
-        .arg(key(stream, group))
-        .arg(&field)
-        .arg(value)
-        .query_async::<()>(con)
-        .await?;
-    Ok(field)
 }
 
 /// Deletes a lease (its batch is done, or it covered nothing).
@@ -201,7 +199,8 @@ impl Lease {
     }
 }
 
-/// Every lease of `group` on `stream` (a malformed field is deleted: it could never be replayed).
+/// Every lease of `group` on `stream`. A field this version cannot parse is left alone (it may
+/// be a newer version's) and logged.
 pub async fn list(con: &mut Conn, stream: &str, group: &str) -> Result<Vec<Lease>> {
     let all: Vec<(String, String)> = redis::cmd("HGETALL")
         .arg(key(stream, group))
@@ -211,10 +210,7 @@ pub async fn list(con: &mut Conn, stream: &str, group: &str) -> Result<Vec<Lease
     for (field, value) in all {
         match Lease::parse(&field, &value) {
             Some(l) => out.push(l),
-            None => {
-                tracing::warn!(%field, %value, "malformed lease deleted");
-                release(con, stream, group, &field).await?;
-            }
+            None => tracing::warn!(%field, %value, "a lease this version cannot read: left alone"),
         }
     }
     Ok(out)

@@ -42,6 +42,9 @@ pub struct GroupStatus {
     pub last_delivered: String,
     /// Age of the oldest pending entry, in milliseconds.
     pub oldest_pending_age_ms: Option<u64>,
+    /// Leases of backlog batches read and not yet acknowledged (see [`crate::lease`]): the
+    /// pending entries of leased reads.
+    pub leases: u64,
     /// The consumers.
     pub consumers: Vec<ConsumerInfo>,
 }
@@ -89,6 +92,10 @@ pub async fn status(
     } in found
     {
         let oldest = crate::retention::oldest_pending(con, stream, &name).await?;
+        let leases: u64 = redis::cmd("HLEN")
+            .arg(crate::lease::key(stream, &name))
+            .query_async(con)
+            .await?;
         let consumers: Vec<redis::Value> = redis::cmd("XINFO")
             .arg("CONSUMERS")
             .arg(stream)
@@ -113,6 +120,7 @@ pub async fn status(
             lag,
             last_delivered: last_delivered.to_string(),
             oldest_pending_age_ms: oldest.map(|id| now_ms.saturating_sub(id.ms)),
+            leases,
             consumers,
         });
     }

@@ -170,6 +170,7 @@ pub async fn run_with_stats(
             read_con: connection::connect(&client, config.block + config.response_timeout).await?,
             client: client.clone(),
             progress: progress[i].clone(),
+            leases_off: Default::default(),
             shutdown: shutdown.clone(),
             stats: stats.clone(),
             caught_up: false,
@@ -214,6 +215,8 @@ struct Worker {
     client: connection::Client,
     /// This loop's liveness, watched by [`Worker::supervised`].
     progress: Arc<watchdog::Progress>,
+    /// Set once a lease could not be recorded: backlog reads use the pending list from then on.
+    leases_off: std::sync::atomic::AtomicBool,
     shutdown: CancellationToken,
     stats: Arc<Stats>,
     /// Guards every Redis call: while open, nothing is sent.
@@ -343,6 +346,23 @@ impl Worker {
         let mut pending = Some(StreamId::default());
         let mut delays = retry::backoff();
         while !self.shutdown.is_cancelled() {
+            // A replay starts with this consumer's own leases, then its pending entries: a batch
+            // from the pending list (the end of a backlog) may have been read after a leased one,
+            // and acknowledging it first would show "nothing pending" too early.
+            if pending == Some(StreamId::default()) {
+                if let Err(e) = self.replay_leases(true).await {
+                    if retry::is_fatal(&e) {
+                        return Err(e);
+                    }
+                    let delay = delays.next().unwrap_or(Duration::from_secs(2));
+                    tracing::warn!(error = %e, retry_in = ?delay, "replaying own leases failed");
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    continue;
+                }
+            }
             let c = &self.config;
             let from = match pending {
                 Some(after) => ReadFrom::Pending(after),
@@ -381,18 +401,6 @@ impl Worker {
                 Ok(entries) if entries.is_empty() => {
                     if pending.take().is_none() {
                         self.caught_up = true;
-                    } else if let Err(e) = self.replay_leases(true).await {
-                        // Replayed again, with the pending entries, after a pause.
-                        if retry::is_fatal(&e) {
-                            return Err(e);
-                        }
-                        pending = Some(StreamId::default());
-                        let delay = delays.next().unwrap_or(Duration::from_secs(2));
-                        tracing::warn!(error = %e, retry_in = ?delay, "replaying own leases failed");
-                        tokio::select! {
-                            _ = self.shutdown.cancelled() => break,
-                            _ = tokio::time::sleep(delay) => {}
-                        }
                     }
                 }
                 Ok(entries) => {
@@ -601,9 +609,10 @@ impl Worker {
         }
     }
 
-    /// Whether backlog reads are leased (see [`crate::lease`]): not on a Redis Cluster.
+    /// Whether backlog reads are leased (see [`crate::lease`]): not on a Redis Cluster, nor once
+    /// a lease could not be recorded (an ACL without `eval`, say).
     fn leased(&self) -> bool {
-        !self.apply_con.is_cluster()
+        !self.apply_con.is_cluster() && !self.leases_off.load(Ordering::Relaxed)
     }
 
     /// Reads the next batch of new entries and prepares it: a leased read (without blocking: in
@@ -620,7 +629,18 @@ impl Worker {
             return Ok(batch::prepare(entries, limits, max, &HashMap::new()));
         }
         let read = crate::lease::read(&mut con, &c.stream, &c.group, &c.consumer, c.batch);
-        let read = guard(&self.breaker, bounded(read_limit(c), read)).await?;
+        let read = match guard(&self.breaker, bounded(read_limit(c), read)).await {
+            // Refused outright (an ACL without `eval`, say): nothing was read.
+            Err(Error::Redis(e)) if matches!(e.code(), Some("NOPERM" | "EXECABORT")) => {
+                tracing::error!(error = %e, "leased reads refused: turned off until restart");
+                self.leases_off.store(true, Ordering::Relaxed);
+                return Err(Error::Redis(e));
+            }
+            r => r?,
+        };
+        if read.uncovered && !self.leases_off.swap(true, Ordering::Relaxed) {
+            tracing::error!("leased reads turned off until restart: a lease could not be recorded");
+        }
         let ids = read.pending.iter().map(|e| e.id).collect();
         let n = read.leased.len() as u64;
         self.stats.leased.fetch_add(n, Ordering::Relaxed);
@@ -635,7 +655,7 @@ impl Worker {
     /// older than `--claim-idle`, taken over. Each is taken with one more attempt, its entries
     /// read again with `XRANGE` and applied, then the lease deleted.
     async fn replay_leases(&mut self, own: bool) -> Result<()> {
-        if !self.leased() {
+        if self.apply_con.is_cluster() {
             return Ok(());
         }
         watchdog::enter("replay leases");

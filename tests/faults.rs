@@ -184,9 +184,16 @@ async fn a_replica_killed_for_good_has_its_pending_entries_finished_by_the_other
         .iter()
         .map(|n| spawn_replica(&server, n))
         .collect();
-    // Kill r0 while it holds pending entries.
+    // Kill r0 while it holds pending entries or a lease (a backlog batch read without the
+    // pending-entries list).
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
+        let leases = presence_worker::lease::list(&mut con, STREAM, GROUP)
+            .await
+            .unwrap_or_default();
+        if leases.iter().any(|l| l.consumer == "r0") {
+            break;
+        }
         let pending: Vec<(String, String, u64, u64)> = redis::cmd("XPENDING")
             .arg(STREAM)
             .arg(GROUP)
@@ -202,7 +209,7 @@ async fn a_replica_killed_for_good_has_its_pending_entries_finished_by_the_other
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "r0 never held pending entries"
+            "r0 never held pending entries nor a lease"
         );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }

@@ -173,3 +173,26 @@ async fn trimming_keeps_what_a_lease_covers() {
         "trimmed once released"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_eval_in_its_acl_a_worker_reads_through_the_pending_list() {
+    let (server, mut con, model) = backlog(47, 5_000).await;
+    let _: () = redis::cmd("ACL")
+        .arg(
+            &[
+                "SETUSER", "noeval", "on", ">pw", "~*", "&*", "+@all", "-eval",
+            ][..],
+        )
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let mut cfg = config(&server, "w1");
+    cfg.redis_url = server.url().replace("redis://", "redis://noeval:pw@");
+    cfg.batch = 500;
+    let w = RunningWorker::spawn(cfg);
+    wait_drained(&mut con, STREAM, GROUP).await;
+    assert_state(&mut con, "sessions", &model).await;
+    assert_eq!(w.stats.leased.load(Ordering::Relaxed), 0);
+    assert!(leases(&mut con).await.is_empty());
+    w.stop().await;
+}

@@ -48,6 +48,24 @@ impl Worker {
                 Ok(false) => {}
                 Err(e) => tracing::debug!(error = %e, "checking own pending entries failed"),
             }
+            // Likewise a lease of this consumer older than that (none of its batches is in
+            // flight here): one taken over whose batch failed, or a read's reply lost.
+            let c = &self.config;
+            let list = crate::lease::list(&mut self.apply_con, &c.stream, &c.group);
+            match guard(&self.breaker, list).await {
+                Ok(leases) => {
+                    let now = crate::ids::now_ms();
+                    let c = &self.config;
+                    let old = |l: &crate::lease::Lease| {
+                        l.consumer == c.consumer && now - l.at_ms > idle.as_millis() as i64
+                    };
+                    if leases.iter().any(old) {
+                        tracing::warn!("a lease of this consumer was left behind: replaying it");
+                        self.replay_own = true;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "checking own leases failed"),
+            }
         }
         if !self.leader {
             // Every loop reclaims and trims its own stream; the rest is the first loop's.
