@@ -181,6 +181,12 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// Whether it was recorded or last taken over more than `idle` before `now_ms` (ms since
+    /// the epoch).
+    pub fn older_than(&self, now_ms: i64, idle: std::time::Duration) -> bool {
+        now_ms - self.at_ms > idle.as_millis() as i64
+    }
+
     /// Parses a field and its value; `None` when either is malformed.
     pub fn parse(field: &str, value: &str) -> Option<Lease> {
         let (after, consumer) = field.split_once('|')?;

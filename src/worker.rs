@@ -550,11 +550,14 @@ impl Worker {
         let mut committed = 0;
         loop {
             if let Some(batch) = ready.take() {
+                if batch.has_pending() && self.leased() {
+                    // Entries from the pending-entries list are acknowledged only after the
+                    // leased batches before them: "no lag and nothing pending" must still mean
+                    // everything delivered was applied.
+                    finish_all(&mut inflight).await?;
+                }
                 let short = batch.size < self.config.batch;
                 if short || self.shutdown.is_cancelled() {
-                    if batch.has_pending() && self.leased() {
-                        finish_all(&mut inflight).await?;
-                    }
                     inflight.push(self.commit(batch, false));
                     finish_all(&mut inflight).await?;
                     return Ok((Window::Done, short));
@@ -562,12 +565,6 @@ impl Worker {
                 if committed == WINDOW {
                     finish_all(&mut inflight).await?;
                     return Ok((Window::Next(batch), false));
-                }
-                if batch.has_pending() && !inflight.is_empty() && self.leased() {
-                    // Entries from the pending-entries list are acknowledged only after the
-                    // leased batches before them: "no lag and nothing pending" must still mean
-                    // everything delivered was applied.
-                    finish_all(&mut inflight).await?;
                 }
                 if inflight.len() < 2 {
                     inflight.push(self.commit(batch, false));
@@ -663,14 +660,13 @@ impl Worker {
         let list = crate::lease::list(&mut self.apply_con, &c.stream, &c.group);
         let leases = guard(&self.breaker, list).await?;
         let now = crate::ids::now_ms();
-        let idle = c.claim_idle.as_millis() as i64;
         for lease in leases {
             let c = &self.config;
             let mine = lease.consumer == c.consumer;
             let due = if own {
                 mine
             } else {
-                !mine && idle > 0 && now - lease.at_ms > idle
+                !mine && !c.claim_idle.is_zero() && lease.older_than(now, c.claim_idle)
             };
             if !due {
                 continue;

@@ -57,7 +57,7 @@ impl Worker {
                     let now = crate::ids::now_ms();
                     let c = &self.config;
                     let old = |l: &crate::lease::Lease| {
-                        l.consumer == c.consumer && now - l.at_ms > idle.as_millis() as i64
+                        l.consumer == c.consumer && l.older_than(now, idle)
                     };
                     if leases.iter().any(old) {
                         tracing::warn!("a lease of this consumer was left behind: replaying it");
