@@ -53,6 +53,8 @@ pub enum ReadFrom {
     Pending(StreamId),
     /// New entries, waiting up to the given time for some to arrive.
     New(Duration),
+    /// New entries already there, without blocking (none: an empty reply).
+    Arrived,
 }
 
 /// Reads up to `count` entries for `consumer`.
@@ -76,6 +78,7 @@ pub async fn read(
             cmd.arg("BLOCK").arg(block.as_millis().max(1) as u64);
             ">".to_owned()
         }
+        ReadFrom::Arrived => ">".to_owned(),
     };
     cmd.arg("STREAMS").arg(stream).arg(id);
     // The raw reply, not `cmd.query_async`: that walks and rebuilds the whole reply tree (every
