@@ -36,7 +36,7 @@ pub const DEFAULT_USER_SESSIONS: usize = 64;
 const SESSIONS_PER_CALL: usize = 512;
 
 /// How many script calls go in one pipeline round trip.
-const CALLS_PER_PIPELINE: usize = 16;
+pub(crate) const CALLS_PER_PIPELINE: usize = 16;
 
 /// Most sessions one expiry call ends per document (the rest are due again at once): a visit
 /// reads every record of the document anyway, so it ends many at once.
@@ -76,6 +76,8 @@ pub struct Applier {
     options: Vec<u8>,
     history_ms: u64,
     ttl_ms: u64,
+    docs_per_call: usize,
+    calls_per_pipeline: usize,
 }
 
 impl Applier {
@@ -101,7 +103,18 @@ impl Applier {
             keys,
             history_ms,
             ttl_ms,
+            docs_per_call: DOCS_PER_CALL,
+            calls_per_pipeline: CALLS_PER_PIPELINE,
         }
+    }
+
+    /// At most `n` documents (at least 1) per script call instead of [`DOCS_PER_CALL`], and all
+    /// of one [`Applier::apply`]'s calls in a single pipeline: the benchmark's baselines (one
+    /// call per event, or per 64 events, a whole batch's calls sent at once).
+    pub fn with_docs_per_call(mut self, n: usize) -> Self {
+        self.docs_per_call = n.max(1);
+        self.calls_per_pipeline = usize::MAX;
+        self
     }
 
     /// Most sessions one user keeps in one document (`--max-user-sessions`): live ones, and
@@ -181,7 +194,9 @@ impl Applier {
                 cmd
             })
             .collect();
-        let replies: Vec<Vec<(u64, String)>> = invoke_pipelined(con, &self.expire, cmds).await?;
+        let depth = CALLS_PER_PIPELINE;
+        let replies: Vec<Vec<(u64, String)>> =
+            invoke_pipelined(con, &self.expire, cmds, depth).await?;
         let mut total = 0;
         let mut emitted = Vec::new();
         for (call, replies) in calls.iter().zip(replies) {
@@ -196,7 +211,7 @@ impl Applier {
     }
 
     /// Groups documents (given with their number of sessions) into script calls: in order, at
-    /// most [`DOCS_PER_CALL`] documents and [`SESSIONS_PER_CALL`] sessions per call (a bigger
+    /// most [`DOCS_PER_CALL`] (or [`Applier::with_docs_per_call`]) documents and [`SESSIONS_PER_CALL`] sessions per call (a bigger
     /// document gets a call of its own), and on a cluster only documents of one hash slot per
     /// call. Returns the documents' indexes per call.
     fn plan<'d>(&self, docs: impl Iterator<Item = (&'d str, usize)>) -> Vec<Vec<usize>> {
@@ -211,7 +226,7 @@ impl Applier {
             };
             let call = open.entry(slot).or_default();
             if !call.0.is_empty()
-                && (call.0.len() == DOCS_PER_CALL || call.1 + sessions > SESSIONS_PER_CALL)
+                && (call.0.len() == self.docs_per_call || call.1 + sessions > SESSIONS_PER_CALL)
             {
                 calls.push(std::mem::take(&mut call.0));
                 call.1 = 0;
@@ -241,7 +256,8 @@ impl Applier {
             .collect();
         // Per call a flat array, two strings per document: outcomes (one digit per session) and
         // the snapshot reason.
-        let replies: Vec<Vec<String>> = invoke_pipelined(con, &self.script, cmds).await?;
+        let depth = self.calls_per_pipeline;
+        let replies: Vec<Vec<String>> = invoke_pipelined(con, &self.script, cmds, depth).await?;
         let mut out = vec![Applied::default(); docs.len()];
         let mut answered = 0;
         for (call, replies) in calls.iter().zip(replies) {
@@ -354,7 +370,7 @@ pub(crate) fn evalsha(script: &Script, numkeys: usize) -> Cmd {
     cmd
 }
 
-/// Runs `cmds` (`EVALSHA` calls of `script`, see [`evalsha`]), pipelined in groups, and returns
+/// Runs `cmds` (`EVALSHA` calls of `script`, see [`evalsha`]), pipelined `depth` at a time, and returns
 /// one reply per call. After a restart or failover the script cache is empty: the script is
 /// loaded and the group goes again (every document script is idempotent). On a cluster, where a
 /// pipeline cannot span hash slots, the calls (each within one slot) are sent concurrently
@@ -363,6 +379,7 @@ pub(crate) async fn invoke_pipelined<T: redis::FromRedisValue>(
     con: &mut Conn,
     script: &Script,
     cmds: Vec<Cmd>,
+    depth: usize,
 ) -> Result<Vec<T>> {
     if con.is_cluster() {
         use futures_util::StreamExt as _;
@@ -391,7 +408,7 @@ pub(crate) async fn invoke_pipelined<T: redis::FromRedisValue>(
     let mut cmds = cmds.into_iter().peekable();
     while cmds.peek().is_some() {
         let mut pipe = redis::pipe();
-        for cmd in cmds.by_ref().take(CALLS_PER_PIPELINE) {
+        for cmd in cmds.by_ref().take(depth) {
             pipe.add_command(cmd);
         }
         let replies: Vec<T> = match pipe.query_async(con).await {

@@ -311,19 +311,26 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
         println!("\nbaseline: skipped in cluster mode");
     } else if args.baseline_events > 0 {
         let n = args.baseline_events.min(args.events);
-        let cpu0: f64 = nodes.cpu().await?.iter().sum();
-        let base = baseline(&mut con, n, args.batch).await?;
-        let base_cpu: f64 = nodes.cpu().await?.iter().sum::<f64>() - cpu0;
-        println!("\nbaseline (the same script once per event, pipelined), {n} events:");
-        println!(
-            "  sustained        {base:>10.0} events/s   ratio {:.2}x",
-            rate / base
-        );
-        println!(
-            "  Redis CPU        {:>10.2} us per event (ratio {:.2}x)",
-            base_cpu / n as f64 * 1e6,
-            (base_cpu / n as f64) / (redis_cpu_s / args.events as f64)
-        );
+        // The baseline (one script call per event), then the same script given 64
+        // events per call without coalescing them: what batching the calls alone gains.
+        for (per_call, what) in [
+            (1, "the same script once per event"),
+            (64, "the same script, 64 events per call, not coalesced"),
+        ] {
+            let cpu0: f64 = nodes.cpu().await?.iter().sum();
+            let base = baseline(&mut con, n, args.batch, per_call).await?;
+            let base_cpu: f64 = nodes.cpu().await?.iter().sum::<f64>() - cpu0;
+            println!("\nbaseline ({what}, pipelined), {n} events:");
+            println!(
+                "  sustained        {base:>10.0} events/s   ratio {:.2}x",
+                rate / base
+            );
+            println!(
+                "  Redis CPU        {:>10.2} us per event (ratio {:.2}x)",
+                base_cpu / n as f64 * 1e6,
+                (base_cpu / n as f64) / (redis_cpu_s / args.events as f64)
+            );
+        }
     }
 
     let (p50, p99, max) = latency(
@@ -412,23 +419,26 @@ async fn drain_with_worker(
     Ok((secs, cpu, rss))
 }
 
-/// The baseline: each event applied by its own script call, pipelined in batches.
-async fn baseline(con: &mut Conn, n: usize, batch: usize) -> Result<f64> {
+/// A baseline: the backlog read `batch` entries at a time, each event applied on its own
+/// (not coalesced), `per_call` events per script call, a read's calls in one pipeline, then
+/// acknowledged; in a consumer group and under keys of its own.
+async fn baseline(con: &mut Conn, n: usize, batch: usize, per_call: usize) -> Result<f64> {
+    let name = format!("baseline{per_call}");
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg("sessions:events")
-        .arg("baseline")
+        .arg(&name)
         .arg("0")
         .query_async(con)
         .await?;
-    let applier = Applier::new(Keys::new("baseline"), 600_000, 90_000);
+    let applier = Applier::new(Keys::new(&name), 600_000, 90_000).with_docs_per_call(per_call);
     let start = Instant::now();
     let mut done = 0;
     while done < n {
         let entries = read::read(
             con,
             "sessions:events",
-            "baseline",
+            &name,
             "b",
             batch.min(n - done),
             ReadFrom::New(Duration::from_millis(10)),
@@ -447,7 +457,7 @@ async fn baseline(con: &mut Conn, n: usize, batch: usize) -> Result<f64> {
         applier.apply(con, &docs).await?;
         let _: i64 = redis::cmd("XACK")
             .arg("sessions:events")
-            .arg("baseline")
+            .arg(&name)
             .arg(&ids)
             .query_async(con)
             .await?;

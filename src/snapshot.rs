@@ -215,7 +215,13 @@ impl Flusher {
                 cmd
             })
             .collect();
-        let flushed: Vec<u64> = crate::apply::invoke_pipelined(con, &self.script, cmds).await?;
+        let flushed: Vec<u64> = crate::apply::invoke_pipelined(
+            con,
+            &self.script,
+            cmds,
+            crate::apply::CALLS_PER_PIPELINE,
+        )
+        .await?;
         Ok(flushed.iter().sum())
     }
 

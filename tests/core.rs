@@ -1180,3 +1180,70 @@ async fn a_document_of_the_previous_version_moves_into_the_records_hash() {
     let present: i64 = common::query(&mut con, &["HGET", "sessions:stats", "present_users"]).await;
     assert_eq!(present, 1);
 }
+
+/// The benchmark's per-event baseline: `with_docs_per_call(1)` calls the script once per
+/// document (the default puts up to 64 in a call) and leaves the same state.
+#[tokio::test]
+async fn one_script_call_per_document_when_asked_with_the_same_result() {
+    use presence_worker::apply::Applier;
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    // Joins of u0..u99 in d0..d39; every tenth event from the 40th on is instead a leave of
+    // the user who joined that document 40 events before.
+    let mut expected = vec![std::collections::BTreeSet::new(); 40];
+    let batch: Vec<(StreamId, Event)> = (0..100)
+        .map(|i| {
+            let d = (i % 40) as usize;
+            let e = if i >= 40 && i % 10 == 9 {
+                expected[d].remove(&format!("u{}", i - 40));
+                ev(
+                    EventType::Leave,
+                    &format!("d{d}"),
+                    &format!("u{}", i - 40),
+                    None,
+                )
+            } else {
+                expected[d].insert(format!("u{i}"));
+                ev(EventType::Join, &format!("d{d}"), &format!("u{i}"), None)
+            };
+            (StreamId::new(1000 + i, 0), e)
+        })
+        .collect();
+    let docs = coalesce(&batch);
+    assert_eq!(docs.len(), 40);
+    let mut calls = Vec::new();
+    for (prefix, per_call) in [("batched", None), ("each", Some(1))] {
+        let mut applier = Applier::new(Keys::new(prefix), 600_000, 0);
+        if let Some(n) = per_call {
+            applier = applier.with_docs_per_call(n);
+        }
+        applier.load(&mut con).await.unwrap();
+        let _: () = common::query(&mut con, &["CONFIG", "RESETSTAT"]).await;
+        let applied = applier.apply(&mut con, &docs).await.unwrap();
+        assert_eq!(applied.len(), docs.len());
+        let stats: String = common::query(&mut con, &["INFO", "commandstats"]).await;
+        let evalsha = stats
+            .lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|l| l.split(',').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .expect("evalsha calls");
+        calls.push(evalsha);
+    }
+    assert_eq!(
+        calls,
+        [1, 40],
+        "script calls: batched, then one per document"
+    );
+    for (d, users) in expected.iter().enumerate() {
+        let doc = format!("d{d}");
+        let want: Vec<String> = users.iter().cloned().collect();
+        for prefix in ["batched", "each"] {
+            let s = inspect(&mut con, &Keys::new(prefix), &doc).await.unwrap();
+            assert_eq!(s.users, want, "{prefix}: document {doc}");
+        }
+    }
+}
