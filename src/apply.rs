@@ -446,12 +446,13 @@ fn pack_sessions(sessions: &[SessionUpdate], b: &mut Vec<u8>) {
             })
         })
         .collect();
+    // Both counts first: the script reads them and the first user with one unpack.
     put_len(b, users.len());
+    put_len(b, sessions.len());
     for u in &users {
         put_len(b, u.len());
         b.extend_from_slice(u.as_bytes());
     }
-    put_len(b, sessions.len());
     for (s, &u) in sessions.iter().zip(&user_of) {
         put_session(b, s, u);
     }

@@ -3,8 +3,8 @@
 --
 -- ARGV[4] number of documents; then per document two arguments: its id, and its sessions packed
 -- in one string (struct.pack, big-endian; every u64 as two u32 halves, hi then lo): the number
--- of its users (u32), the users (each once: a u32 length, then its bytes), the number of its
--- sessions (u32), then the sessions one after the other:
+-- of its users (u32, at least 1), the number of its sessions (u32), the users (each once: a u32
+-- length, then its bytes), then the sessions one after the other:
 --   the user's number (u32, from 1), the session id (a u32 length, then its bytes)
 --   flags (u8): 1 live, 2 has a seq, 8 writes meta, 16 that write has a seq, 32 it sets meta
 --     (else it clears it)
@@ -24,9 +24,10 @@
 -- converted, the command looked up and checked); a document of one user takes HGET and HSET.
 
 local SESSION = '>I4I4c0BI4I4I4I4I4I4I4I4B'
+-- The counts of users and sessions and the first user.
+local COUNTS = '>I4I4I4c0'
 local META_WRITE = '>I4I4I4I4I4I4'
 local BYTES = '>I4c0'
-local COUNT = '>I4'
 -- A session record's head (marker, flags, time), version and event id hash (see common.lua):
 -- without seq or with, with a 32-bit stream id sequence or a 64-bit one.
 local R, RQ, RW, RQW = '>BBI2I4I4I4I4I4', '>BBI2I4I4I4I4I4I4I4', '>BBI2I4I4I4I4I4I4',
@@ -264,26 +265,24 @@ local function apply_doc(di)
   begin_doc(di, ARGV[a])
   local packed = ARGV[a + 1]
   a = a + 2
-  local p
-  nu, p = sunpack(COUNT, packed)
+  local n, first, p
+  nu, n, first, p = sunpack(COUNTS, packed)
   if nu == 1 then
     users, touched = one_user, one_touched
-    one_user[1], p = sunpack(BYTES, packed, p)
-    one_touched[1] = nil
+    one_user[1], one_touched[1] = first, nil
   else
-    users, touched = {}, {}
-    for u = 1, nu do users[u], p = sunpack(BYTES, packed, p) end
+    users, touched = {first}, {}
+    for u = 2, nu do users[u], p = sunpack(BYTES, packed, p) end
   end
   read_records()
-  local n
-  n, p = sunpack(COUNT, packed, p)
-  local out = {}
+  -- The outcomes, one character per session (a document of one session needs no table).
+  local out, code = n > 1 and {} or nil, nil
   for k = 1, n do
     local u, sid, lf, qh, ql, mh, ml, sh, sl, lih, idlen, elen
     u, sid, lf, qh, ql, mh, ml, sh, sl, lih, idlen, elen, p = sunpack(SESSION, packed, p)
     local rec = recs[u]
     local pos, rs, re = find_entry(rec, sid)
-    local code = nil
+    code = nil
     -- The common case, a refresh, in a few steps (apply_session gives the same): a live event
     -- without seq nor meta (flags 1, a 32-bit stream id sequence) and a record of the current
     -- layout, live, without seq, meta nor 64-bit sequence (flags 1, nothing after its hash),
@@ -306,12 +305,12 @@ local function apply_doc(di)
       code, p = apply_session(packed, p, u, sid, pos, rs, re, lf, qh, ql, mh, ml, sh, sl, lih,
         idlen, elen)
     end
-    out[k] = code
+    if out then out[k] = code end
     p = p + idlen + elen
   end
   write_records()
   if went_live and present >= LARGE then widen(KEYS[K]) end
-  results[2 * di + 1] = table.concat(out)
+  results[2 * di + 1] = out and table.concat(out) or code or ''
   results[2 * di + 2] = finish_doc()
 end
 with_globals(write_records, function()
