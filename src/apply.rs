@@ -481,7 +481,13 @@ fn put_session(b: &mut Vec<u8>, s: &SessionUpdate, u: usize) {
         }
     }
     b.push(flags);
-    put_version(b, &s.version);
+    // Not put_version's order: the sequence's high half first, so that ms, the low half and the
+    // hash lie as a plain record holds them (the script copies them into a refreshed record).
+    let v = &s.version;
+    b.extend_from_slice(&v.seq.unwrap_or(0).to_be_bytes());
+    b.extend_from_slice(&((v.sid.seq >> 32) as u32).to_be_bytes());
+    b.extend_from_slice(&v.sid.ms.to_be_bytes());
+    b.extend_from_slice(&(v.sid.seq as u32).to_be_bytes());
     b.extend_from_slice(&id_hash(&s.event_id).to_be_bytes());
     put_len(b, s.event_id.len());
     // SAFETY of the cast: `<u64>-<u64>` has at most 41 characters.

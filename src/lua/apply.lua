@@ -8,7 +8,9 @@
 --   the user's number (u32, from 1), the session id (a u32 length, then its bytes)
 --   flags (u8): 1 live, 2 has a seq, 8 writes meta, 16 that write has a seq, 32 it sets meta
 --     (else it clears it)
---   seq (u64, 0 without), stream id ms and sequence (u64 each), event id hash (u32)
+--   seq (u64, 0 without), the stream id sequence's high half (u32), the stream id ms (u64), the
+--     sequence's low half (u32), the event id hash (u32): ms, low half and hash are then in the
+--     order of a plain record's version (see the refresh in apply_doc)
 --   event id length (u32), entry id length (u8)
 --   with flag 8: the meta write's seq, stream id ms and sequence (u64 each) and, with flag 32,
 --     the meta bytes (u32 length, then the bytes)
@@ -36,9 +38,10 @@ local R, RQ, RW, RQW = '>BBI2I4I4I4I4I4', '>BBI2I4I4I4I4I4I4I4', '>BBI2I4I4I4I4I
 local OUTCOME = {[0] = '0', [1] = '1', [2] = '2'}
 -- The length of a record with flags 1 (see the refresh in apply_doc): head, version, hash.
 local PLAIN = HEAD_LEN + 16
--- A user's records with one entry's plain record rewritten, in one pack: the entries before it,
--- its head (see common.lua) and session id, the record (R), the entries after it.
-local REFRESHED = '>c0I2I2c0BBI2I4I4I4I4I4c0'
+-- A plain record's marker, flags, version and hash (its time skipped).
+local R_VERSION = '>BBxxxxxxI4I4I4I4'
+-- The head of a plain live record refreshed now (marker, flags 1, time).
+local PLAIN_HEAD = spack(HEAD, MARKER, 1, now_hi, now_lo)
 
 local a = 5
 local results = {}
@@ -279,7 +282,7 @@ local function apply_doc(di)
   local out, code = n > 1 and {} or nil, nil
   for k = 1, n do
     local u, sid, lf, qh, ql, mh, ml, sh, sl, lih, idlen, elen
-    u, sid, lf, qh, ql, mh, ml, sh, sl, lih, idlen, elen, p = sunpack(SESSION, packed, p)
+    u, sid, lf, qh, ql, sh, mh, ml, sl, lih, idlen, elen, p = sunpack(SESSION, packed, p)
     local rec = recs[u]
     local pos, rs, re = find_entry(rec, sid)
     code = nil
@@ -288,13 +291,16 @@ local function apply_doc(di)
     -- layout, live, without seq, meta nor 64-bit sequence (flags 1, nothing after its hash),
     -- rewritten in place.
     if lf == 1 and sh == 0 and pos and re - rs + 1 == PLAIN then
-      local m, f, _, _, rmh, rml, rsl, rih = sunpack(R, rec, rs)
+      local m, f, rmh, rml, rsl, rih = sunpack(R_VERSION, rec, rs)
       if m == MARKER and f == 1 then
         if later(mh, ml, 0, sl, rmh, rml, 0, rsl) then
           code = rih == lih and '2' or '0'
           cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
-          recs[u] = spack(REFRESHED, pos == 1 and '' or ssub(rec, 1, pos - 1), #sid, PLAIN, sid,
-            MARKER, 1, now_hi, now_lo, mh, ml, sl, lih, re == #rec and '' or ssub(rec, re + 1))
+          -- The entry's head and session id kept (same lengths), the record's head new, and its
+          -- version and hash the event's bytes as packed (ms, low half of the sequence, hash:
+          -- the 16 bytes before the id lengths).
+          recs[u] = ssub(rec, 1, rs - 1) .. PLAIN_HEAD .. ssub(packed, p - 21, p - 6)
+            .. ssub(rec, re + 1)
           touched[u] = true
         else
           code = rih == lih and '2' or '1'
