@@ -293,7 +293,16 @@ local function apply_doc(di)
     if lf == 1 and sh == 0 and pos and re - rs + 1 == PLAIN then
       local m, f, rmh, rml, rsl, rih = sunpack(R_VERSION, rec, rs)
       if m == MARKER and f == 1 then
-        if later(mh, ml, 0, sl, rmh, rml, 0, rsl) then
+        -- later() inlined (neither has a seq nor a 64-bit sequence).
+        local win
+        if mh ~= rmh then
+          win = mh > rmh
+        elseif ml ~= rml then
+          win = ml > rml
+        else
+          win = sl > rsl
+        end
+        if win then
           code = rih == lih and '2' or '0'
           cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
           -- The entry's head and session id kept (same lengths), the record's head new, and its

@@ -269,11 +269,16 @@ end
 -- begins and ends; nil when there is none.
 local function find_entry(rec, sid)
   if not rec then return nil end
-  local sl = #sid
-  for e, pos, rs in entry_after, rec, 0 do
+  -- (entry_after's walk written out: this runs for every session of every call.)
+  local sl, n, pos = #sid, #rec, 1
+  while pos < n do
+    local a, b, c, d = sbyte(rec, pos, pos + 3)
+    local rs = pos + 4 + a * 256 + b
+    local e = rs + c * 256 + d - 1
     -- (Compared as a substring: a find from pos + 4 would scan the rest of the value for every
     -- entry whose id does not match, quadratic in the user's entries.)
     if rs - pos - 4 == sl and ssub(rec, pos + 4, rs - 1) == sid then return pos, rs, e end
+    pos = e + 1
   end
   return nil
 end
