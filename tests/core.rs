@@ -1247,3 +1247,61 @@ async fn one_script_call_per_document_when_asked_with_the_same_result() {
         }
     }
 }
+
+/// A user's sessions whose ids overlap (one the start of another, one inside another) are each
+/// found as themselves: the script finds a session among the user's entries by where its id
+/// occurs, and an occurrence that is not an entry's own id must not be taken for it.
+#[tokio::test]
+async fn overlapping_session_ids_of_one_user_stay_apart() {
+    use presence_worker::apply::Applier;
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let applier = Applier::new(Keys::new("sessions"), 600_000, 0);
+    let ids = ["tab1", "t", "ta", "tab", "ab", "b", "1"];
+    let mut ms = 1000;
+    let mut step = |events: Vec<(EventType, &str)>| {
+        events
+            .into_iter()
+            .map(|(kind, s)| {
+                ms += 1;
+                (StreamId::new(ms, 0), ev(kind, "d", "u", Some(s)))
+            })
+            .collect::<Vec<_>>()
+    };
+    let joins = step(ids.iter().map(|s| (EventType::Join, *s)).collect());
+    applier.apply(&mut con, &coalesce(&joins)).await.unwrap();
+    // One by one, then in one batch: each finds its own entry among the others.
+    for (kind, s) in [(EventType::Leave, "ta"), (EventType::Heartbeat, "t")] {
+        let one = step(vec![(kind, s)]);
+        applier.apply(&mut con, &coalesce(&one)).await.unwrap();
+    }
+    let batch = step(vec![
+        (EventType::Leave, "b"),
+        (EventType::Leave, "1"),
+        (EventType::Join, "ta"),
+        (EventType::Leave, "tab"),
+    ]);
+    applier.apply(&mut con, &coalesce(&batch)).await.unwrap();
+    let s = state(&mut con, "d").await;
+    let got: Vec<(&str, bool)> = s
+        .sessions
+        .iter()
+        .map(|x| (x.session.as_str(), x.live))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("1", false),
+            ("ab", true),
+            ("b", false),
+            ("t", true),
+            ("ta", true),
+            ("tab", false),
+            ("tab1", true)
+        ]
+    );
+    assert_eq!(s.users, ["u"]);
+}

@@ -269,15 +269,21 @@ end
 -- begins and ends; nil when there is none.
 local function find_entry(rec, sid)
   if not rec then return nil end
-  -- (entry_after's walk written out: this runs for every session of every call.)
+  -- Where the id occurs (a plain find: no substring made per entry), checked against the
+  -- entries' starts; an occurrence that is no entry's id (inside a record, or the start of a
+  -- longer id) makes the search go on from the next entry.
+  local at = sfind(rec, sid, 5, true)
+  if not at then return nil end
   local sl, n, pos = #sid, #rec, 1
   while pos < n do
     local a, b, c, d = sbyte(rec, pos, pos + 3)
     local rs = pos + 4 + a * 256 + b
     local e = rs + c * 256 + d - 1
-    -- (Compared as a substring: a find from pos + 4 would scan the rest of the value for every
-    -- entry whose id does not match, quadratic in the user's entries.)
-    if rs - pos - 4 == sl and ssub(rec, pos + 4, rs - 1) == sid then return pos, rs, e end
+    if at < pos + 4 then
+      at = sfind(rec, sid, pos + 4, true)
+      if not at then return nil end
+    end
+    if at == pos + 4 and rs - pos - 4 == sl then return pos, rs, e end
     pos = e + 1
   end
   return nil
