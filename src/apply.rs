@@ -254,22 +254,22 @@ impl Applier {
             .iter()
             .map(|call| self.apply_cmd(call.iter().map(|&i| &docs[i])))
             .collect();
-        // Per call a flat array, two strings per document: outcomes (one digit per session) and
-        // the snapshot reason.
+        // Per call one string: per document its outcomes (one digit per session), its snapshot
+        // reason (a word, or nothing) and ','.
         let depth = self.calls_per_pipeline;
-        let replies: Vec<Vec<String>> = invoke_pipelined(con, &self.script, cmds, depth).await?;
+        let replies: Vec<Vec<u8>> = invoke_pipelined(con, &self.script, cmds, depth).await?;
         let mut out = vec![Applied::default(); docs.len()];
         let mut answered = 0;
-        for (call, replies) in calls.iter().zip(replies) {
-            let mut replies = replies.into_iter();
+        for (call, reply) in calls.iter().zip(replies) {
+            let mut parts = reply.split(|&b| b == b',');
             for &i in call {
-                let (Some(codes), Some(snapshot)) = (replies.next(), replies.next()) else {
-                    break;
-                };
+                let Some(part) = parts.next() else { break };
+                let digits = part.iter().take_while(|b| b.is_ascii_digit()).count();
+                let (codes, reason) = part.split_at(digits);
                 answered += 1;
                 out[i] = Applied {
                     outcomes: codes
-                        .bytes()
+                        .iter()
                         .map(|c| match c {
                             b'0' => Outcome::Applied,
                             b'2' => Outcome::Duplicate,
@@ -277,7 +277,7 @@ impl Applier {
                             _ => Outcome::Stale,
                         })
                         .collect(),
-                    snapshot,
+                    snapshot: String::from_utf8_lossy(reason).into_owned(),
                 };
             }
         }
