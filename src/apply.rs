@@ -211,9 +211,10 @@ impl Applier {
     }
 
     /// Groups documents (given with their number of sessions) into script calls: in order, at
-    /// most [`DOCS_PER_CALL`] (or [`Applier::with_docs_per_call`]) documents and [`SESSIONS_PER_CALL`] sessions per call (a bigger
-    /// document gets a call of its own), and on a cluster only documents of one hash slot per
-    /// call. Returns the documents' indexes per call.
+    /// most [`DOCS_PER_CALL`] (or [`Applier::with_docs_per_call`]) documents and
+    /// [`SESSIONS_PER_CALL`] sessions per call (a bigger document gets a call of its own), and
+    /// on a cluster only documents of one hash slot per call. Returns the documents' indexes per
+    /// call.
     fn plan<'d>(&self, docs: impl Iterator<Item = (&'d str, usize)>) -> Vec<Vec<usize>> {
         // Open calls by slot (a single one on a standalone Redis), each with its sessions.
         let mut open: std::collections::HashMap<u16, (Vec<usize>, usize)> = Default::default();
@@ -370,10 +371,10 @@ pub(crate) fn evalsha(script: &Script, numkeys: usize) -> Cmd {
     cmd
 }
 
-/// Runs `cmds` (`EVALSHA` calls of `script`, see [`evalsha`]), pipelined `depth` at a time, and returns
-/// one reply per call. After a restart or failover the script cache is empty: the script is
-/// loaded and the group goes again (every document script is idempotent). On a cluster, where a
-/// pipeline cannot span hash slots, the calls (each within one slot) are sent concurrently
+/// Runs `cmds` (`EVALSHA` calls of `script`, see [`evalsha`]), pipelined `depth` at a time, and
+/// returns one reply per call. After a restart or failover the script cache is empty: the script
+/// is loaded and the group goes again (every document script is idempotent). On a cluster, where
+/// a pipeline cannot span hash slots, the calls (each within one slot) are sent concurrently
 /// instead, and each loads the script and goes again when its node had lost it.
 pub(crate) async fn invoke_pipelined<T: redis::FromRedisValue>(
     con: &mut Conn,

@@ -163,6 +163,14 @@ pub async fn release(con: &mut Conn, stream: &str, group: &str, field: &str) -> 
     Ok(())
 }
 
+/// How many leases `group` on `stream` holds (`status` and the sampled gauge).
+pub async fn count(con: &mut Conn, stream: &str, group: &str) -> Result<u64> {
+    Ok(redis::cmd("HLEN")
+        .arg(key(stream, group))
+        .query_async(con)
+        .await?)
+}
+
 /// One lease, as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {

@@ -92,10 +92,7 @@ pub async fn status(
     } in found
     {
         let oldest = crate::retention::oldest_pending(con, stream, &name).await?;
-        let leases: u64 = redis::cmd("HLEN")
-            .arg(crate::lease::key(stream, &name))
-            .query_async(con)
-            .await?;
+        let leases = crate::lease::count(con, stream, &name).await?;
         let consumers: Vec<redis::Value> = redis::cmd("XINFO")
             .arg("CONSUMERS")
             .arg(stream)

@@ -626,14 +626,12 @@ impl Worker {
         let c = &self.config;
         let mut con = self.read_con.clone();
         let (limits, max) = (&c.limits, c.max_deliveries);
-        if arrived {
-            let from = ReadFrom::Arrived;
-            let read = read::read(&mut con, &c.stream, &c.group, &c.consumer, c.batch, from);
-            let entries = guard(&self.breaker, bounded(read_limit(c), read)).await?;
-            return Ok(batch::prepare(entries, limits, max, &HashMap::new()));
-        }
-        if !self.leased() {
-            let from = ReadFrom::New(c.block);
+        if arrived || !self.leased() {
+            let from = if arrived {
+                ReadFrom::Arrived
+            } else {
+                ReadFrom::New(c.block)
+            };
             let read = read::read(&mut con, &c.stream, &c.group, &c.consumer, c.batch, from);
             let entries = guard(&self.breaker, bounded(read_limit(c), read)).await?;
             return Ok(batch::prepare(entries, limits, max, &HashMap::new()));

@@ -218,10 +218,7 @@ impl Worker {
         let mut len = 0;
         for stream in &self.streams {
             for g in retention::groups(&mut self.apply_con, stream).await? {
-                let leases: u64 = redis::cmd("HLEN")
-                    .arg(crate::lease::key(stream, &g.name))
-                    .query_async(&mut self.apply_con)
-                    .await?;
+                let leases = crate::lease::count(&mut self.apply_con, stream, &g.name).await?;
                 let sum = groups.entry(g.name).or_insert((Some(0), 0, 0));
                 sum.0 = sum.0.zip(g.lag).map(|(a, b)| a + b);
                 sum.1 += g.pending;
