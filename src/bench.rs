@@ -62,6 +62,14 @@ pub struct BenchArgs {
     /// redis-server). The backlog goes to `--stream-shards` shard streams (default: 2 per master).
     #[arg(long, default_value_t = 0)]
     pub cluster: usize,
+    /// Events carry a per-session `seq` (1, 2, 3, ... in stream order), as the README's producer
+    /// examples send.
+    #[arg(long)]
+    pub seq: bool,
+    /// Joins carry a `meta` map (a display name and a colour), as the README's producer examples
+    /// send.
+    #[arg(long)]
+    pub meta: bool,
 }
 
 /// Zipf-like sampler over `n` items with exponent 1.1 (inverse CDF on a precomputed table).
@@ -90,6 +98,10 @@ struct Workload {
     rng: SmallRng,
     zipf: Zipf,
     home: Vec<usize>,
+    /// Per session (user * 2 + tab), the last `seq` sent; `None`: events carry none.
+    seq: Option<Vec<u64>>,
+    /// Whether joins carry meta.
+    meta: bool,
 }
 
 impl Workload {
@@ -97,7 +109,20 @@ impl Workload {
         let mut rng = SmallRng::seed_from_u64(seed);
         let zipf = Zipf::new(docs);
         let home = (0..users).map(|_| zipf.sample(&mut rng)).collect();
-        Self { rng, zipf, home }
+        Self {
+            rng,
+            zipf,
+            home,
+            seq: None,
+            meta: false,
+        }
+    }
+
+    /// Events carry a per-session `seq` (`seq`) and joins a `meta` map (`meta`).
+    fn with_fields(mut self, seq: bool, meta: bool) -> Self {
+        self.seq = seq.then(|| vec![0; self.home.len() * 2]);
+        self.meta = meta;
+        self
     }
 
     fn next(&mut self) -> Event {
@@ -113,8 +138,23 @@ impl Workload {
             _ => EventType::Leave,
         };
         let mut e = Event::new(kind, format!("doc-{doc}"), format!("user-{user}"));
-        e.session = Some(format!("tab-{}", self.rng.random_range(0..2)));
+        let tab = self.rng.random_range(0..2);
+        e.session = Some(format!("tab-{tab}"));
         e.ts = None;
+        if let Some(seqs) = &mut self.seq {
+            let s = &mut seqs[user * 2 + tab];
+            *s += 1;
+            e.seq = Some(*s);
+        }
+        if self.meta && kind == EventType::Join {
+            let colour = format!("#{:06x}", user * 2_654_435_761 % 0xFF_FFFF);
+            e.meta = Some(
+                [("name", format!("User {user}")), ("colour", colour)]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+            );
+        }
         e
     }
 }
@@ -175,11 +215,15 @@ pub async fn run(common: &crate::cli::Common, args: BenchArgs) -> Result<()> {
         (url, 0, con, nodes)
     };
     nodes.flushall().await?;
-    let mut gen = Workload::new(args.seed, args.docs, args.users);
+    let mut gen = Workload::new(args.seed, args.docs, args.users).with_fields(args.seq, args.meta);
     let mut model = Model::default();
     println!(
-        "bench: {} events, {} documents (Zipf 1.1), {} users x 2 sessions",
-        args.events, args.docs, args.users
+        "bench: {} events, {} documents (Zipf 1.1), {} users x 2 sessions{}{}",
+        args.events,
+        args.docs,
+        args.users,
+        if args.seq { ", with seq" } else { "" },
+        if args.meta { ", meta on joins" } else { "" },
     );
     if cluster_mode {
         println!(
