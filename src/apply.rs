@@ -482,11 +482,12 @@ fn put_session(b: &mut Vec<u8>, s: &SessionUpdate, u: usize) {
         }
     }
     b.push(flags);
-    // Not put_version's order: the sequence's high half first, so that ms, the low half and the
-    // hash lie as a plain record holds them (the script copies them into a refreshed record).
+    // Not put_version's order: the sequence's high half first, so that seq (when the event has
+    // one), ms, the low half and the hash lie as a record without meta holds them (the script
+    // copies them into a refreshed record).
     let v = &s.version;
-    b.extend_from_slice(&v.seq.unwrap_or(0).to_be_bytes());
     b.extend_from_slice(&((v.sid.seq >> 32) as u32).to_be_bytes());
+    b.extend_from_slice(&v.seq.unwrap_or(0).to_be_bytes());
     b.extend_from_slice(&v.sid.ms.to_be_bytes());
     b.extend_from_slice(&(v.sid.seq as u32).to_be_bytes());
     b.extend_from_slice(&id_hash(&s.event_id).to_be_bytes());

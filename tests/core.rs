@@ -1305,3 +1305,120 @@ async fn overlapping_session_ids_of_one_user_stay_apart() {
     );
     assert_eq!(s.users, ["u"]);
 }
+
+#[tokio::test]
+async fn refreshes_of_sessions_with_seq_or_meta_keep_the_rest_of_the_record() {
+    use presence_worker::apply::{Applier, Outcome};
+    use presence_worker::coalesce::coalesce;
+    use presence_worker::event::Meta;
+    use presence_worker::StreamId;
+
+    let server = RedisServer::start();
+    let mut con = server.con().await;
+    let applier = Applier::new(Keys::new("sessions"), 600_000, 0);
+    let meta = |name: &str| -> Meta { [("name".to_owned(), name.to_owned())].into() };
+    // One event of user u's session `s` in entry `ms`-`i` (i: its place in the batch).
+    let event = |kind: EventType, s: &str, seq: Option<u64>, id: &str, meta: Option<Meta>| {
+        let mut e = ev(kind, "d", "u", Some(s));
+        e.seq = seq;
+        e.id = id.to_owned();
+        e.meta = meta;
+        e
+    };
+    let batch = |ms: u64, events: Vec<Event>| -> Vec<(StreamId, Event)> {
+        (0..).map(|i| StreamId::new(ms, i)).zip(events).collect()
+    };
+    let join = EventType::Join;
+    let beat = EventType::Heartbeat;
+    // Three sessions of one user, so one value holds their entries one after the other: with
+    // seq and meta, with meta, with seq.
+    let joins = batch(
+        1000,
+        vec![
+            event(join, "a", Some(5), "a5", Some(meta("A"))),
+            event(join, "b", None, "b1", Some(meta("B"))),
+            event(join, "c", Some(1), "c1", None),
+        ],
+    );
+    applier.apply(&mut con, &coalesce(&joins)).await.unwrap();
+    let before = server_ms(&mut con).await;
+    let beats = batch(
+        2000,
+        vec![
+            event(beat, "a", Some(7), "a7", None),
+            event(beat, "b", None, "b2", None),
+            event(beat, "c", Some(2), "c2", None),
+        ],
+    );
+    let applied = applier.apply(&mut con, &coalesce(&beats)).await.unwrap();
+    assert_eq!(applied[0].outcomes, [Outcome::Applied; 3]);
+    // Lower seq in a later entry: stale; equal seq in a later entry: stale (the earlier copy
+    // wins); without seq, the same event appended again wins as the later entry and is counted
+    // a duplicate.
+    let late = batch(
+        3000,
+        vec![
+            event(beat, "a", Some(6), "a6", None),
+            event(beat, "c", Some(2), "c2-again", None),
+            event(beat, "b", None, "b2", None),
+        ],
+    );
+    let applied = applier.apply(&mut con, &coalesce(&late)).await.unwrap();
+    assert_eq!(
+        applied[0].outcomes,
+        [Outcome::Stale, Outcome::Stale, Outcome::Duplicate]
+    );
+    // With seq, the same event appended again: the earlier copy stays, a duplicate.
+    let again = batch(3001, vec![event(beat, "a", Some(7), "a7", None)]);
+    let applied = applier.apply(&mut con, &coalesce(&again)).await.unwrap();
+    assert_eq!(applied[0].outcomes, [Outcome::Duplicate]);
+
+    let s = state(&mut con, "d").await;
+    let got: Vec<_> = s
+        .sessions
+        .iter()
+        .map(|x| {
+            let name = x.meta.as_ref().map(|m| m["name"].as_str());
+            (
+                x.session.as_str(),
+                x.live,
+                x.seq.as_deref(),
+                x.entry_id.as_str(),
+                name,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("a", true, Some("7"), "2000-0", Some("A")),
+            ("b", true, None, "3000-2", Some("B")),
+            ("c", true, Some("2"), "2000-2", None),
+        ]
+    );
+    assert_eq!(
+        s.sessions[0].event_id_hash,
+        presence_worker::apply::id_hash("a7")
+    );
+    for x in &s.sessions {
+        assert!(
+            x.last_change_ms.unwrap() >= before as i64,
+            "{x:?} refreshed"
+        );
+    }
+    assert_eq!(s.users, ["u"]);
+
+    // An event without seq after ones with: the later entry wins and the record has no seq.
+    let plain = batch(4000, vec![event(beat, "c", None, "c3", None)]);
+    let applied = applier.apply(&mut con, &coalesce(&plain)).await.unwrap();
+    assert_eq!(applied[0].outcomes, [Outcome::Applied]);
+    let s = state(&mut con, "d").await;
+    assert_eq!(
+        (
+            s.sessions[2].seq.as_deref(),
+            s.sessions[2].entry_id.as_str()
+        ),
+        (None, "4000-0")
+    );
+    assert_eq!(s.sessions[0].meta, Some(meta("A")));
+}

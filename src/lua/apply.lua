@@ -8,9 +8,9 @@
 --   the user's number (u32, from 1), the session id (a u32 length, then its bytes)
 --   flags (u8): 1 live, 2 has a seq, 8 writes meta, 16 that write has a seq, 32 it sets meta
 --     (else it clears it)
---   seq (u64, 0 without), the stream id sequence's high half (u32), the stream id ms (u64), the
---     sequence's low half (u32), the event id hash (u32): ms, low half and hash are then in the
---     order of a plain record's version (see the refresh in apply_doc)
+--   the stream id sequence's high half (u32), seq (u64, 0 without), the stream id ms (u64), the
+--     sequence's low half (u32), the event id hash (u32): seq, ms, low half and hash are then in
+--     the order of a record's version and hash (see the refresh in apply_doc)
 --   event id length (u32), entry id length (u8)
 --   with flag 8: the meta write's seq, stream id ms and sequence (u64 each) and, with flag 32,
 --     the meta bytes (u32 length, then the bytes)
@@ -38,10 +38,10 @@ local R, RQ, RW, RQW = '>BBI2I4I4I4I4I4', '>BBI2I4I4I4I4I4I4I4', '>BBI2I4I4I4I4I
 local OUTCOME = {[0] = '0', [1] = '1', [2] = '2'}
 -- The length of a record with flags 1 (see the refresh in apply_doc): head, version, hash.
 local PLAIN = HEAD_LEN + 16
--- A plain record's marker, flags, version and hash (its time skipped).
-local R_VERSION = '>BBxxxxxxI4I4I4I4'
--- The head of a plain live record refreshed now (marker, flags 1, time).
-local PLAIN_HEAD = spack(HEAD, MARKER, 1, now_hi, now_lo)
+-- A record's marker, flags, version and hash (its time skipped): without seq, with one.
+local R_VERSION, RQ_VERSION = '>BBxxxxxxI4I4I4I4', '>BBxxxxxxI4I4I4I4I4I4'
+-- The head of a live record with flags f refreshed now (marker, flags, time), by flags.
+local refreshed_head = {}
 
 local a = 5
 local results = {}
@@ -282,34 +282,63 @@ local function apply_doc(di)
   local out, code = n > 1 and {} or nil, nil
   for k = 1, n do
     local u, sid, lf, qh, ql, mh, ml, sh, sl, lih, idlen, elen
-    u, sid, lf, qh, ql, sh, mh, ml, sl, lih, idlen, elen, p = sunpack(SESSION, packed, p)
+    u, sid, lf, sh, qh, ql, mh, ml, sl, lih, idlen, elen, p = sunpack(SESSION, packed, p)
     local rec = recs[u]
     local pos, rs, re = find_entry(rec, sid)
     code = nil
     -- The common case, a refresh, in a few steps (apply_session gives the same): a live event
-    -- without seq nor meta (flags 1, a 32-bit stream id sequence) and a record of the current
-    -- layout, live, without seq, meta nor 64-bit sequence (flags 1, nothing after its hash),
-    -- rewritten in place.
-    if lf == 1 and sh == 0 and pos and re - rs + 1 == PLAIN then
-      local m, f, rmh, rml, rsl, rih = sunpack(R_VERSION, rec, rs)
-      if m == MARKER and f == 1 then
-        -- later() inlined (neither has a seq nor a 64-bit sequence).
-        local win
-        if mh ~= rmh then
-          win = mh > rmh
-        elseif ml ~= rml then
-          win = ml > rml
-        else
-          win = sl > rsl
+    -- without meta nor 64-bit stream id sequence (flags 1, or 3 with a seq) and a live record of
+    -- the current layout with the same seq flag, not expired, without 64-bit sequence (flags
+    -- 8, 16 and 64, its meta version, may be set: the meta after the hash stays as it is),
+    -- rewritten in place: its flags stay the same.
+    if pos and sh == 0 then
+      -- The event's version against the record's (later() and newer() inlined), the record's
+      -- marker and flags, and the length of its head, version and hash (nil: not this case).
+      local win, rih, vlen, m, f
+      if lf == 1 then
+        if re - rs >= PLAIN - 1 then
+          local rmh, rml, rsl
+          m, f, rmh, rml, rsl, rih = sunpack(R_VERSION, rec, rs)
+          if mh ~= rmh then
+            win = mh > rmh
+          elseif ml ~= rml then
+            win = ml > rml
+          else
+            win = sl > rsl
+          end
+          vlen = PLAIN
         end
+      elseif lf == 3 and re - rs >= PLAIN + 7 then
+        -- The higher seq wins; for equal seq, the earlier stream entry.
+        local rqh, rql, rmh, rml, rsl
+        m, f, rqh, rql, rmh, rml, rsl, rih = sunpack(RQ_VERSION, rec, rs)
+        if qh ~= rqh then
+          win = qh > rqh
+        elseif ql ~= rql then
+          win = ql > rql
+        elseif mh ~= rmh then
+          win = mh < rmh
+        elseif ml ~= rml then
+          win = ml < rml
+        else
+          win = sl < rsl
+        end
+        vlen = PLAIN + 8
+      end
+      if vlen and m == MARKER and f % 8 == lf and f % 64 < 32 then
         if win then
           code = rih == lih and '2' or '0'
           cause_text, cause_at, cause_id_len, cause_entry_len = packed, p, idlen, elen
-          -- The entry's head and session id kept (same lengths), the record's head new, and its
-          -- version and hash the event's bytes as packed (ms, low half of the sequence, hash:
-          -- the 16 bytes before the id lengths).
-          recs[u] = ssub(rec, 1, rs - 1) .. PLAIN_HEAD .. ssub(packed, p - 21, p - 6)
-            .. ssub(rec, re + 1)
+          local head = refreshed_head[f]
+          if not head then
+            head = spack(HEAD, MARKER, f, now_hi, now_lo)
+            refreshed_head[f] = head
+          end
+          -- The entry's head and session id kept (same lengths), the record's head new, its
+          -- version and hash the event's bytes as packed (seq when it has one, ms, low half of
+          -- the sequence, hash: the bytes before the id lengths), then the rest as it was.
+          recs[u] = ssub(rec, 1, rs - 1) .. head .. ssub(packed, p + 3 - vlen, p - 6)
+            .. ssub(rec, rs + vlen)
           touched[u] = true
         else
           code = rih == lih and '2' or '1'
