@@ -63,6 +63,10 @@ pub struct Applied {
     pub outcomes: Vec<Outcome>,
     /// The reason of the snapshot request queued (`threshold`, `empty`), or empty.
     pub snapshot: String,
+    /// Live sessions the step ended by expiry, to make room for a new session of a user at
+    /// `--max-user-sessions` (see [`Applier::with_max_user_sessions`]): silent for the TTL, they
+    /// end as an expiry visit would end them.
+    pub expired: u64,
 }
 
 /// Applies coalesced updates to Redis.
@@ -266,7 +270,15 @@ impl Applier {
             for &i in call {
                 let Some(part) = parts.next() else { break };
                 let digits = part.iter().take_while(|b| b.is_ascii_digit()).count();
-                let (codes, reason) = part.split_at(digits);
+                let (codes, rest) = part.split_at(digits);
+                let (reason, expired) = match rest.iter().position(|&b| b == b';') {
+                    Some(at) => (&rest[..at], &rest[at + 1..]),
+                    None => (rest, &b""[..]),
+                };
+                let expired = std::str::from_utf8(expired)
+                    .ok()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0);
                 answered += 1;
                 out[i] = Applied {
                     outcomes: codes
@@ -279,6 +291,7 @@ impl Applier {
                         })
                         .collect(),
                     snapshot: String::from_utf8_lossy(reason).into_owned(),
+                    expired,
                 };
             }
         }

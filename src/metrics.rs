@@ -38,7 +38,8 @@ pub const DEAD_LETTER_STREAM_LENGTH: &str = "presence_dead_letter_stream_length"
 pub const LIVE_SESSIONS: &str = "presence_live_sessions";
 /// Present users over all documents (a user in two documents counts twice).
 pub const PRESENT_USERS: &str = "presence_present_users";
-/// Sessions ended by expiry.
+/// Sessions ended by expiry: by an expiry visit, or at once to make room for a new session of a
+/// user at `--max-user-sessions`.
 pub const SESSIONS_EXPIRED: &str = "presence_sessions_expired_total";
 /// Entries taken over from other consumers.
 pub const RECLAIMED: &str = "presence_reclaimed_entries_total";

@@ -336,18 +336,19 @@ async fn a_user_keeps_at_most_max_user_sessions_in_a_document() {
 }
 
 /// One event of user "u"'s session `session` in document "d", in stream entry `ms`-0; its
-/// outcome.
+/// outcome, and how many sessions the step ended by expiry to make room.
 async fn apply_one(
     applier: &presence_worker::apply::Applier,
     con: &mut presence_worker::connection::Conn,
     ms: u64,
     kind: EventType,
     session: &str,
-) -> presence_worker::apply::Outcome {
+) -> (presence_worker::apply::Outcome, u64) {
     let mut e = Event::new(kind, "d", "u");
     e.session = Some(session.into());
     let docs = presence_worker::coalesce::coalesce(&[(presence_worker::StreamId::new(ms, 0), e)]);
-    applier.apply(con, &docs).await.unwrap()[0].outcomes[0]
+    let applied = applier.apply(con, &docs).await.unwrap().remove(0);
+    (applied.outcomes[0], applied.expired)
 }
 
 /// When all of a user's sessions are live, one silent for the session TTL makes room for a new
@@ -363,14 +364,15 @@ async fn a_session_silent_for_the_ttl_makes_room_for_a_new_one() {
     let applier = Applier::new(keys.clone(), 600_000, 1000).with_max_user_sessions(2);
     // Two sessions; a third while both were refreshed just now: no room. Then, 1.1 s later, s2 is
     // refreshed and s1, silent for the TTL, gives way to s3.
+    // (The last number: sessions the step ended by expiry.)
     let before = [
-        (1, Join, "s1", Outcome::Applied),
-        (2, Join, "s2", Outcome::Applied),
-        (3, Join, "s3", Outcome::Refused),
+        (1, Join, "s1", Outcome::Applied, 0),
+        (2, Join, "s2", Outcome::Applied, 0),
+        (3, Join, "s3", Outcome::Refused, 0),
     ];
     let after = [
-        (4, Heartbeat, "s2", Outcome::Applied),
-        (5, Join, "s3", Outcome::Applied),
+        (4, Heartbeat, "s2", Outcome::Applied, 0),
+        (5, Join, "s3", Outcome::Applied, 1),
     ];
     for (i, steps) in [before.as_slice(), after.as_slice()]
         .into_iter()
@@ -379,9 +381,9 @@ async fn a_session_silent_for_the_ttl_makes_room_for_a_new_one() {
         if i > 0 {
             tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
         }
-        for &(ms, kind, session, expected) in steps {
-            let outcome = apply_one(&applier, &mut con, ms, kind, session).await;
-            assert_eq!(outcome, expected, "entry {ms}: {kind:?} {session}");
+        for &(ms, kind, session, expected, expired) in steps {
+            let got = apply_one(&applier, &mut con, ms, kind, session).await;
+            assert_eq!(got, (expected, expired), "entry {ms}: {kind:?} {session}");
         }
     }
     let state = inspect(&mut con, &keys, "d").await.unwrap();

@@ -18,7 +18,8 @@
 --
 -- Returns one string, per document its outcomes, one digit per session ('0' applied, '1' stale,
 -- '2' duplicate: the same event as the winner, '3' refused), then the reason of the snapshot
--- request queued (a word, or nothing), then ','. (One string: Redis converts every element of an
+-- request queued (a word, or nothing), then, when make_room ended sessions silent for the TTL,
+-- ';' and their number, then ','. (One string: Redis converts every element of an
 -- array reply on its own, and 128 of them per call were 3% of its work.)
 --
 -- A document's users' records are read with one HMGET and written with one HSET (each command a
@@ -84,6 +85,9 @@ local function write_records()
   touched = nil
 end
 
+-- Sessions of the document ended by make_room (expired to make room for a new one).
+local doc_expired = 0
+
 -- Most entries one user keeps in the document (--max-user-sessions): their live sessions and the
 -- ended ones kept for ordering. Every event of a user walks and rewrites all of their entries, so
 -- this bounds its cost.
@@ -121,6 +125,7 @@ local function make_room(u)
       left_reason = 'expired'
       session_ended(users[u], true, n > 1)
       left_reason = 'leave'
+      doc_expired = doc_expired + 1
     end
     rec = ssub(rec, 1, drop[1] - 1) .. ssub(rec, drop[2] + 1)
     recs[u], touched[u] = rec, true
@@ -266,6 +271,7 @@ end
 
 local function apply_doc(di)
   begin_doc(di, ARGV[a])
+  doc_expired = 0
   local packed = ARGV[a + 1]
   a = a + 2
   local n, first, p
@@ -355,7 +361,7 @@ local function apply_doc(di)
   write_records()
   if went_live and present >= LARGE then widen(KEYS[K]) end
   results[3 * di + 1] = out and table.concat(out) or code or ''
-  results[3 * di + 2] = finish_doc()
+  results[3 * di + 2] = doc_expired > 0 and finish_doc() .. ';' .. doc_expired or finish_doc()
   results[3 * di + 3] = ','
 end
 with_globals(write_records, function()

@@ -153,6 +153,11 @@ impl Worker {
         let now_ms = crate::ids::now_ms().max(0) as u64;
         metrics::end_to_end_delays(events.iter().map(|(sid, _)| sid.ms), now_ms);
         self.count(&docs, &events, &outcomes, &dead);
+        let expired: u64 = outcomes.iter().map(|a| a.expired).sum();
+        if expired > 0 {
+            self.stats.expired.fetch_add(expired, Ordering::Relaxed);
+            metrics::sessions_expired(expired);
+        }
         let emitted: Vec<(String, String)> = docs
             .iter()
             .zip(&outcomes)
