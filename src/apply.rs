@@ -271,13 +271,11 @@ impl Applier {
                 let Some(part) = parts.next() else { break };
                 let digits = part.iter().take_while(|b| b.is_ascii_digit()).count();
                 let (codes, rest) = part.split_at(digits);
-                let (reason, expired) = match rest.iter().position(|&b| b == b';') {
-                    Some(at) => (&rest[..at], &rest[at + 1..]),
-                    None => (rest, &b""[..]),
-                };
-                let expired = std::str::from_utf8(expired)
-                    .ok()
-                    .and_then(|n| n.parse().ok())
+                let mut rest = rest.splitn(2, |&b| b == b';');
+                let reason = rest.next().unwrap_or_default();
+                let expired = rest
+                    .next()
+                    .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
                     .unwrap_or(0);
                 answered += 1;
                 out[i] = Applied {

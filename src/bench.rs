@@ -147,7 +147,7 @@ impl Workload {
             e.seq = Some(*s);
         }
         if self.meta && kind == EventType::Join {
-            let colour = format!("#{:06x}", user * 2_654_435_761 % 0xFF_FFFF);
+            let colour = format!("#{:06x}", user.wrapping_mul(2_654_435_761) % 0xFF_FFFF);
             e.meta = Some(
                 [("name", format!("User {user}")), ("colour", colour)]
                     .into_iter()

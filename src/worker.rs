@@ -60,6 +60,15 @@ pub struct Stats {
     pub http_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
+impl Stats {
+    /// Counts `n` sessions ended by expiry, in these counters and the metric (by an expiry visit,
+    /// or by a step making room for a new session).
+    pub(crate) fn add_expired(&self, n: u64) {
+        self.expired.fetch_add(n, Ordering::Relaxed);
+        crate::metrics::sessions_expired(n);
+    }
+}
+
 /// How often the stream is trimmed and gone consumers are removed.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
 

@@ -155,8 +155,7 @@ impl Worker {
         self.count(&docs, &events, &outcomes, &dead);
         let expired: u64 = outcomes.iter().map(|a| a.expired).sum();
         if expired > 0 {
-            self.stats.expired.fetch_add(expired, Ordering::Relaxed);
-            metrics::sessions_expired(expired);
+            self.stats.add_expired(expired);
         }
         let emitted: Vec<(String, String)> = docs
             .iter()

@@ -301,8 +301,7 @@ async fn expire(
     }
     let (n, emitted) = applier.expire(&mut con, &docs).await?;
     flush_snapshots(&flusher, &con, &breaker, &stats, &emitted).await;
-    stats.expired.fetch_add(n, Ordering::Relaxed);
-    metrics::sessions_expired(n);
+    stats.add_expired(n);
     if n > 0 {
         tracing::debug!(
             sessions = n,
