@@ -4,6 +4,9 @@
 
 use crate::connection::Conn;
 use redis::{Cmd, Script};
+use std::time::Duration;
+
+mod planned;
 
 use crate::coalesce::{DocUpdate, SessionUpdate, Version};
 use crate::error::{Error, Result};
@@ -82,6 +85,9 @@ pub struct Applier {
     ttl_ms: u64,
     docs_per_call: usize,
     calls_per_pipeline: usize,
+    max_user_sessions: usize,
+    /// The planned path (see [`Applier::with_planned_path`]), when on.
+    watched: Option<std::sync::Arc<planned::Watched>>,
 }
 
 impl Applier {
@@ -109,7 +115,37 @@ impl Applier {
             ttl_ms,
             docs_per_call: DOCS_PER_CALL,
             calls_per_pipeline: CALLS_PER_PIPELINE,
+            max_user_sessions: DEFAULT_USER_SESSIONS,
+            watched: None,
         }
+    }
+
+    /// Applies documents on the planned path where it can, on a standalone Redis reached by
+    /// `client` (a connection of its own, replies within `response_timeout`): the worker reads
+    /// the documents' records under `WATCH`, decides their steps by the scripts' rules and
+    /// writes them in one `MULTI`/`EXEC`, so that Redis runs no Lua for them. Whatever the
+    /// planner does not handle, and every batch in which a watched key changed before `EXEC`,
+    /// the script applies as before. Off while snapshot requests or the change feed are
+    /// configured (the script decides those), and for the benchmark's baselines
+    /// ([`Applier::with_docs_per_call`]).
+    pub fn with_planned_path(mut self, client: redis::Client, response_timeout: Duration) -> Self {
+        let s = &self.snapshots;
+        if s.thresholds.is_empty() && !s.on_empty && !s.publish_changes {
+            self.watched = Some(std::sync::Arc::new(planned::Watched::new(
+                client,
+                response_timeout,
+            )));
+        }
+        self
+    }
+
+    /// On the planned path ([`Applier::with_planned_path`]): the documents it applied, and the
+    /// chunks of documents whose `EXEC` found a watched key changed (written by another
+    /// replica, an expiry visit), which the script then applied. `None` when the path is off.
+    pub fn planned_stats(&self) -> Option<(u64, u64)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let w = self.watched.as_deref()?;
+        Some((w.planned.load(Relaxed), w.conflicts.load(Relaxed)))
     }
 
     /// At most `n` documents (at least 1) per script call instead of [`DOCS_PER_CALL`], and all
@@ -118,6 +154,7 @@ impl Applier {
     pub fn with_docs_per_call(mut self, n: usize) -> Self {
         self.docs_per_call = n.max(1);
         self.calls_per_pipeline = usize::MAX;
+        self.watched = None;
         self
     }
 
@@ -127,6 +164,7 @@ impl Applier {
     /// dropped; when all are live and refreshed within the TTL, the new session is
     /// [`Outcome::Refused`].
     pub fn with_max_user_sessions(mut self, max: usize) -> Self {
+        self.max_user_sessions = max;
         self.options = self
             .snapshots
             .script_options(&self.keys.channel_prefix(), max);
@@ -254,10 +292,34 @@ impl Applier {
     ///
     /// Safe to call again with the same updates after any failure: the script is idempotent.
     pub async fn apply(&self, con: &mut Conn, docs: &[DocUpdate]) -> Result<Vec<Applied>> {
+        let Some(w) = self
+            .watched
+            .as_deref()
+            .filter(|w| !con.is_cluster() && !w.is_off())
+        else {
+            return self
+                .apply_scripted(con, &docs.iter().collect::<Vec<_>>())
+                .await;
+        };
+        let mut out = self.apply_planned(w, docs).await?;
+        let rest: Vec<usize> = (0..docs.len()).filter(|&i| out[i].is_none()).collect();
+        if !rest.is_empty() {
+            let scripted = self
+                .apply_scripted(con, &rest.iter().map(|&i| &docs[i]).collect::<Vec<_>>())
+                .await?;
+            for (i, a) in rest.into_iter().zip(scripted) {
+                out[i] = Some(a);
+            }
+        }
+        Ok(out.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// [`Applier::apply`] by the script alone.
+    async fn apply_scripted(&self, con: &mut Conn, docs: &[&DocUpdate]) -> Result<Vec<Applied>> {
         let calls = self.plan(docs.iter().map(|d| (d.doc.as_str(), d.sessions.len())));
         let cmds: Vec<_> = calls
             .iter()
-            .map(|call| self.apply_cmd(call.iter().map(|&i| &docs[i])))
+            .map(|call| self.apply_cmd(call.iter().map(|&i| docs[i])))
             .collect();
         // Per call one string: per document its outcomes (one digit per session), its snapshot
         // reason (a word, or nothing) and ','.
@@ -308,7 +370,7 @@ impl Applier {
         let mut packed = Vec::new();
         for d in docs {
             packed.clear();
-            pack_sessions(&d.sessions, &mut packed);
+            pack_sessions(d, &mut packed);
             cmd.arg(&d.doc).arg(&packed[..]);
         }
         cmd
@@ -444,20 +506,11 @@ pub fn id_hash(id: &str) -> u32 {
 /// A document's sessions as `apply.lua` reads them: one string, its users (each once), then its
 /// sessions one after the other, each naming its user by number (the layout is documented in
 /// its header; every number big-endian, a u64 as its two u32 halves).
-fn pack_sessions(sessions: &[SessionUpdate], b: &mut Vec<u8>) {
+fn pack_sessions(update: &DocUpdate, b: &mut Vec<u8>) {
+    let sessions = &update.sessions;
     b.reserve(sessions.len() * 128);
     // Each session's user, numbered in first-seen order.
-    let mut users: Vec<&str> = Vec::with_capacity(sessions.len());
-    let mut index: crate::coalesce::FastMap<&str, usize> = Default::default();
-    let user_of: Vec<usize> = sessions
-        .iter()
-        .map(|s| {
-            *index.entry(&s.user).or_insert_with(|| {
-                users.push(&s.user);
-                users.len() - 1
-            })
-        })
-        .collect();
+    let (users, user_of) = crate::plan::users_of(update);
     // Both counts first: the script reads them and the first user with one unpack.
     put_len(b, users.len());
     put_len(b, sessions.len());

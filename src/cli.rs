@@ -320,6 +320,10 @@ pub struct RunArgs {
     /// (`too_many_sessions`).
     #[arg(long, env = "PRESENCE_MAX_USER_SESSIONS", default_value_t = crate::apply::DEFAULT_USER_SESSIONS)]
     pub max_user_sessions: usize,
+    /// Apply every document with the Lua script, never on the planned path (the worker reads
+    /// under WATCH, decides, and writes in MULTI/EXEC; see the README's performance section).
+    #[arg(long, env = "PRESENCE_SCRIPT_ONLY")]
+    pub script_only: bool,
 }
 
 /// `--http-addr`: an address, or `off`.
@@ -373,6 +377,7 @@ impl RunArgs {
             ..Default::default()
         };
         c.max_user_sessions = self.max_user_sessions;
+        c.planned = !self.script_only;
         c.http_addr = self.http_addr.0;
         c.snapshots = crate::snapshot::SnapshotConfig {
             thresholds: self.snapshot_thresholds.clone(),

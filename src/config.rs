@@ -59,6 +59,9 @@ pub struct WorkerConfig {
     /// Most sessions one user keeps in one document, live and ended within `history`: see
     /// [`crate::apply::Applier::with_max_user_sessions`].
     pub max_user_sessions: usize,
+    /// Whether documents go through the planned path where it applies (see
+    /// [`crate::apply::Applier::with_planned_path`]); off: every document through the script.
+    pub planned: bool,
     /// A session not refreshed within this time is expired as if it had left (zero: never).
     pub session_ttl: Duration,
     /// Entries pending on another consumer for longer than this are reclaimed (zero: never).
@@ -100,6 +103,7 @@ impl WorkerConfig {
             response_timeout: Duration::from_secs(5),
             limits: Limits::default(),
             max_user_sessions: crate::apply::DEFAULT_USER_SESSIONS,
+            planned: true,
             session_ttl: Duration::from_secs(90),
             claim_idle: Duration::from_secs(60),
             max_deliveries: 5,

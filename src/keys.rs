@@ -206,8 +206,21 @@ impl Keys {
 
     /// What every key of document `doc` starts with: `<prefix>:doc:{<doc>}:` (the one place the
     /// layout is written).
+    /// The key of document `doc` with `suffix` (`records`, `users`, ...): one key of
+    /// [`Keys::doc`] without building the others.
+    pub fn doc_key(&self, doc: &str, suffix: &str) -> String {
+        let mut key = self.doc_base(doc);
+        key.push_str(suffix);
+        key
+    }
+
     fn doc_base(&self, doc: &str) -> String {
-        format!("{}:doc:{{{}}}:", self.prefix, doc)
+        let mut base = String::with_capacity(self.prefix.len() + doc.len() + 16);
+        base.push_str(&self.prefix);
+        base.push_str(":doc:{");
+        base.push_str(doc);
+        base.push_str("}:");
+        base
     }
 
     /// All keys of document `doc`.

@@ -44,6 +44,7 @@ pub mod lease;
 pub mod limits;
 pub mod metrics;
 pub mod ops;
+mod plan;
 pub mod produce;
 pub mod read;
 pub mod reclaim;

@@ -154,6 +154,12 @@ pub async fn run_with_stats(
         config.snapshots.clone(),
     )
     .with_max_user_sessions(config.max_user_sessions);
+    let applier = match &client {
+        connection::Client::Single(c) if config.planned => {
+            applier.with_planned_path(c.clone(), config.response_timeout)
+        }
+        _ => applier,
+    };
     if let Err(e) = applier.load(&mut apply_con).await {
         tracing::warn!(error = %e, "cannot load the scripts ahead: each is loaded on first use");
     }

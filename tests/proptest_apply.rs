@@ -5,6 +5,9 @@
 //!
 //! 1. Batches applied in any order (replicas racing), then all redelivered, end at the model.
 //! 2. Coalescing a batch changes nothing: the state equals that of one-event batches.
+//! 3. The planned path (the worker decides, `MULTI`/`EXEC` writes) leaves the same state as the
+//!    script, and replicas on it racing concurrently (their `EXEC`s failing on each other's
+//!    writes, the script then applying) end at the model.
 //!
 //! Beside the model's users and live sessions, every session record is checked against what the
 //! README's ordering rule says it holds: the deciding event, and the meta of the newest event that
@@ -18,7 +21,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use common::model::{assert_state, Model};
 use common::RedisServer;
@@ -202,7 +206,7 @@ impl fmt::Debug for Case {
 /// Runs `check` on generated cases against one Redis, each case under its own prefix `p<n>`.
 fn run<F, Fut>(default_cases: u32, check: F)
 where
-    F: Fn(Conn, String, Case) -> Fut,
+    F: Fn(Conn, String, Case, redis::Client) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     let cases = std::env::var("PROPTEST_CASES")
@@ -221,10 +225,11 @@ where
         .build()
         .expect("tokio runtime");
     let con = rt.block_on(server.con());
+    let client = redis::Client::open(server.url()).expect("client");
     let n = AtomicUsize::new(0);
     let result = TestRunner::new(config).run(&case(), |case| {
         let prefix = format!("p{}", n.fetch_add(1, Ordering::Relaxed));
-        rt.block_on(check(con.clone(), prefix, case));
+        rt.block_on(check(con.clone(), prefix, case, client.clone()));
         Ok(())
     });
     if let Err(e) = result {
@@ -317,7 +322,7 @@ async fn assert_matches_spec(con: &mut Conn, prefix: &str, case: &Case) {
     }
 }
 
-async fn racing_replicas(mut con: Conn, prefix: String, case: Case) {
+async fn racing_replicas(mut con: Conn, prefix: String, case: Case, _: redis::Client) {
     let applier = Applier::new(Keys::new(prefix.as_str()), 600_000, 0);
     for &b in case.order.iter().chain(&case.again) {
         apply_batch(&applier, &mut con, &case.events[case.batches[b].clone()]).await;
@@ -367,7 +372,7 @@ async fn dump(con: &mut Conn, prefix: &str) -> Dump {
     (docs, stats, top)
 }
 
-async fn coalesced_vs_single(mut con: Conn, prefix: String, case: Case) {
+async fn coalesced_vs_single(mut con: Conn, prefix: String, case: Case, _: redis::Client) {
     let (batched, single) = (format!("{prefix}b"), format!("{prefix}s"));
     let by_batch = Applier::new(Keys::new(batched.as_str()), 600_000, 0);
     let by_event = Applier::new(Keys::new(single.as_str()), 600_000, 0);
@@ -389,4 +394,158 @@ async fn coalesced_vs_single(mut con: Conn, prefix: String, case: Case) {
 #[test]
 fn coalesced_batches_equal_one_event_batches() {
     run(96, coalesced_vs_single);
+}
+
+/// The planned path and the script, fed the same batches in the same order (each under its own
+/// prefix), leave the same state: records, counts, users, totals, `top`; and the expiry index
+/// holds the same documents.
+async fn planned_vs_scripted(mut con: Conn, prefix: String, case: Case, client: redis::Client) {
+    let (planned, scripted) = (format!("{prefix}p"), format!("{prefix}s"));
+    let ttl = 90_000;
+    let by_plan = Applier::new(Keys::new(planned.as_str()), 600_000, ttl)
+        .with_planned_path(client, Duration::from_secs(5));
+    let by_script = Applier::new(Keys::new(scripted.as_str()), 600_000, ttl);
+    for &b in case.order.iter().chain(&case.again) {
+        let batch = coalesce(&case.events[case.batches[b].clone()]);
+        let planned = by_plan.apply(&mut con, &batch).await.expect("apply");
+        let scripted = by_script.apply(&mut con, &batch).await.expect("apply");
+        assert_eq!(planned, scripted, "outcomes");
+    }
+    let (p, s) = (
+        dump(&mut con, &planned).await,
+        dump(&mut con, &scripted).await,
+    );
+    assert_eq!(p, s, "the planned path and the script disagree");
+    let due = |prefix: &str| {
+        redis::cmd("ZRANGE")
+            .arg(Keys::new(prefix).globals().expiry)
+            .arg(0)
+            .arg(-1)
+            .clone()
+    };
+    // (The members, not their order: each path's server time differs by a few ms.)
+    let (dp, ds): (
+        std::collections::BTreeSet<String>,
+        std::collections::BTreeSet<String>,
+    ) = (
+        due(&planned).query_async(&mut con).await.expect("ZRANGE"),
+        due(&scripted).query_async(&mut con).await.expect("ZRANGE"),
+    );
+    assert_eq!(dp, ds, "expiry index");
+    let (stepped, _) = by_plan.planned_stats().expect("the planned path is on");
+    PLANNED_STEPS.fetch_add(stepped, Ordering::Relaxed);
+    assert_matches_spec(&mut con, &planned, &case).await;
+}
+
+/// Documents the planned path applied itself, and chunks it left to the script because a
+/// watched key changed, over all cases of a test.
+static PLANNED_STEPS: AtomicU64 = AtomicU64::new(0);
+static CONFLICTS: AtomicU64 = AtomicU64::new(0);
+
+/// The planned path leaves the state the script leaves.
+#[test]
+fn the_planned_path_and_the_script_leave_the_same_state() {
+    run(128, planned_vs_scripted);
+    assert!(
+        PLANNED_STEPS.load(Ordering::Relaxed) > 0,
+        "nothing was planned"
+    );
+}
+
+/// Two replicas on the planned path apply batches two at a time, concurrently, in any order,
+/// then all again: they end at the model, though their `EXEC`s fail on each other's writes.
+async fn concurrent_planned_replicas(
+    mut con: Conn,
+    prefix: String,
+    case: Case,
+    client: redis::Client,
+) {
+    let replica = || {
+        Applier::new(Keys::new(prefix.as_str()), 600_000, 0)
+            .with_planned_path(client.clone(), Duration::from_secs(5))
+    };
+    let (a, b) = (replica(), replica());
+    let order: Vec<usize> = case.order.iter().chain(&case.again).copied().collect();
+    for pair in order.chunks(2) {
+        let batch = |i: usize| coalesce(&case.events[case.batches[pair[i]].clone()]);
+        let (mut c1, mut c2) = (con.clone(), con.clone());
+        let first = batch(0);
+        let second = pair.get(1).map(|_| batch(1)).unwrap_or_default();
+        let (r1, r2) = tokio::join!(a.apply(&mut c1, &first), b.apply(&mut c2, &second));
+        r1.expect("apply");
+        r2.expect("apply");
+    }
+    for applier in [&a, &b] {
+        let (_, conflicts) = applier.planned_stats().expect("the planned path is on");
+        CONFLICTS.fetch_add(conflicts, Ordering::Relaxed);
+    }
+    assert_matches_spec(&mut con, &prefix, &case).await;
+}
+
+/// Replicas on the planned path racing concurrently end at the sequential model.
+#[test]
+fn concurrent_replicas_on_the_planned_path_match_the_sequential_model() {
+    run(128, concurrent_planned_replicas);
+    // The fallback was exercised: some EXEC found a key the other replica wrote.
+    assert!(CONFLICTS.load(Ordering::Relaxed) > 0, "no EXEC ever failed");
+}
+
+/// On the planned path, a session's meta stays through later events that carry none (a
+/// heartbeat rewrites the record's version and keeps what follows it), and a `leave` clears it;
+/// each step's outcome is the script's.
+#[test]
+fn meta_survives_refreshes_on_the_planned_path() {
+    let server = RedisServer::start();
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let mut con = server.con().await;
+        let client = redis::Client::open(server.url()).expect("client");
+        let planned = Applier::new(Keys::new("p"), 600_000, 90_000)
+            .with_planned_path(client, Duration::from_secs(5));
+        let scripted = Applier::new(Keys::new("s"), 600_000, 90_000);
+        let ev = |i: u64, kind: EventType, meta: Option<Meta>| {
+            let event = Event {
+                v: 1,
+                id: format!("e{i}"),
+                kind,
+                doc: "d0".into(),
+                user: "u0".into(),
+                session: Some("tab".into()),
+                seq: None,
+                ts: None,
+                meta,
+            };
+            (StreamId::new(1_700_000_000_000 + i, 0), event)
+        };
+        let named = Some(Meta::from([("name".to_owned(), "Ada".to_owned())]));
+        let steps = [
+            ev(1, EventType::Join, named.clone()),
+            ev(2, EventType::Heartbeat, None),
+            ev(3, EventType::Heartbeat, None),
+            ev(4, EventType::Leave, None),
+            ev(5, EventType::Join, None),
+        ];
+        let meta_after = [true, true, true, false, false];
+        for (step, has_meta) in steps.iter().zip(meta_after) {
+            let docs = coalesce(std::slice::from_ref(step));
+            let a = planned.apply(&mut con, &docs).await.expect("apply");
+            let b = scripted.apply(&mut con, &docs).await.expect("apply");
+            assert_eq!(a, b, "outcomes of {step:?}");
+            for prefix in ["p", "s"] {
+                let state = inspect(&mut con, &Keys::new(prefix), "d0")
+                    .await
+                    .expect("inspect");
+                let meta = &state.sessions[0].meta;
+                assert_eq!(
+                    meta.is_some(),
+                    has_meta,
+                    "{prefix} after {step:?}: {meta:?}"
+                );
+                if has_meta {
+                    assert_eq!(meta, &named);
+                }
+            }
+        }
+        assert_eq!(planned.planned_stats().map(|(n, _)| n), Some(5));
+    });
 }
