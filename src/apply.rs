@@ -301,7 +301,7 @@ impl Applier {
                 .apply_scripted(con, &docs.iter().collect::<Vec<_>>())
                 .await;
         };
-        let mut out = self.apply_planned(w, docs).await?;
+        let (mut out, _in_flight) = self.apply_planned(w, docs).await?;
         let rest: Vec<usize> = (0..docs.len()).filter(|&i| out[i].is_none()).collect();
         if !rest.is_empty() {
             let scripted = self

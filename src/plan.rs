@@ -28,9 +28,10 @@ pub(crate) const LARGE: u64 = 64;
 pub(crate) struct DocRead {
     /// Per user (in [`users_of`] order) their value in the records hash.
     pub(crate) values: Vec<Option<Vec<u8>>>,
-    /// When read: `SCARD` of the document's users, and per user whether they are in the set
-    /// (`SMISMEMBER`). Only a step that starts or ends a session needs them.
-    pub(crate) counts: Option<(u64, Vec<bool>)>,
+    /// `SCARD` of the document's users set.
+    pub(crate) before: u64,
+    /// Per user whether they are in the set (`SMISMEMBER`).
+    pub(crate) members: Vec<bool>,
 }
 
 /// What the planner made of a document.
@@ -38,8 +39,6 @@ pub(crate) struct DocRead {
 pub(crate) enum Planned {
     /// The step, to write.
     Step(DocStep),
-    /// Read the counts ([`DocRead::counts`]) and plan again.
-    NeedCounts,
     /// Leave it to the script.
     Script,
 }
@@ -102,26 +101,25 @@ pub(crate) fn plan_doc(
     max_entries: usize,
 ) -> Planned {
     let n = read.values.len();
-    let initial = read.counts.as_ref().map(|(_, m)| m);
-    let before = read.counts.as_ref().map_or(0, |(b, _)| *b);
+    if read.members.len() != n {
+        return Planned::Script;
+    }
     let mut p = Planner {
         values: read.values.clone(),
         touched: vec![false; n],
-        members: initial.cloned(),
+        members: read.members.clone(),
         now,
         roomy: max_entries * SHORTEST_ENTRY,
-        present: before,
+        present: read.before,
         step: DocStep {
-            before,
+            before: read.before,
             ..DocStep::default()
         },
-        need_counts: false,
     };
     let mut outcomes = Vec::with_capacity(update.sessions.len());
     for (s, &u) in update.sessions.iter().zip(user_of) {
         match p.session(s, u) {
             Ok(o) => outcomes.push(o),
-            Err(ToScript) if p.need_counts => return Planned::NeedCounts,
             Err(ToScript) => return Planned::Script,
         }
     }
@@ -133,10 +131,6 @@ pub(crate) fn plan_doc(
         mut step,
         ..
     } = p;
-    // finish_doc reads the count whenever a session started or ended.
-    if (step.counted || step.went_live || step.ended) && members.is_none() {
-        return Planned::NeedCounts;
-    }
     step.outcomes = outcomes;
     step.after = present;
     step.writes = values
@@ -145,13 +139,11 @@ pub(crate) fn plan_doc(
         .enumerate()
         .filter_map(|(u, (v, t))| Some((u, v.filter(|_| t)?)))
         .collect();
-    if let (Some(was), Some(now)) = (initial, members) {
-        for (u, (&a, &b)) in was.iter().zip(&now).enumerate() {
-            if !a && b {
-                step.added.push(u);
-            } else if a && !b {
-                step.removed.push(u);
-            }
+    for (u, (&was, &is)) in read.members.iter().zip(&members).enumerate() {
+        if !was && is {
+            step.added.push(u);
+        } else if was && !is {
+            step.removed.push(u);
         }
     }
     Planned::Step(step)
@@ -160,13 +152,12 @@ pub(crate) fn plan_doc(
 struct Planner {
     values: Vec<Option<Vec<u8>>>,
     touched: Vec<bool>,
-    members: Option<Vec<bool>>,
+    members: Vec<bool>,
     now: u64,
     /// A value at least this long may need `make_room` for a new entry (the script's ROOMY).
     roomy: usize,
     present: u64,
     step: DocStep,
-    need_counts: bool,
 }
 
 /// A record of the current layout, decoded (see `lua/common.lua`).
@@ -298,11 +289,11 @@ impl Planner {
                 time = kept_time;
             } else if !was_live {
                 let others = live_others(value, skip)?;
-                self.session_live(u, others)?;
+                self.session_live(u, others);
             }
         } else if was_live || outcome == Outcome::Applied {
             let others = was_live && live_others(value, skip)?;
-            self.session_ended(u, was_live, others)?;
+            self.session_ended(u, was_live, others);
         } else {
             time = kept_time;
         }
@@ -321,41 +312,27 @@ impl Planner {
         Ok((outcome, Some(put_entry(value, found, sid, &rec)?)))
     }
 
-    /// Whether user `u` is in the users set now (`SMISMEMBER`, then this step's changes).
-    fn member(&mut self, u: usize) -> Result<&mut bool, ToScript> {
-        match &mut self.members {
-            Some(m) => Ok(&mut m[u]),
-            None => {
-                self.need_counts = true;
-                Err(ToScript)
-            }
-        }
-    }
-
     /// `session_live`: a session of user `u` went live; `others`: the user has another.
-    fn session_live(&mut self, u: usize, others: bool) -> Result<(), ToScript> {
+    fn session_live(&mut self, u: usize, others: bool) {
         self.step.counted = true;
         if !others {
-            let m = self.member(u)?;
-            if !*m {
-                *m = true;
+            if !self.members[u] {
+                self.members[u] = true;
                 self.present += 1;
             }
             self.step.d_users += 1;
         }
         self.step.d_sessions += 1;
         self.step.went_live = true;
-        Ok(())
     }
 
     /// `session_ended`: a session of user `u` ended.
-    fn session_ended(&mut self, u: usize, was_live: bool, others: bool) -> Result<(), ToScript> {
+    fn session_ended(&mut self, u: usize, was_live: bool, others: bool) {
         if was_live {
             self.step.counted = true;
             if !others {
-                let m = self.member(u)?;
-                if *m {
-                    *m = false;
+                if self.members[u] {
+                    self.members[u] = false;
                     self.present -= 1;
                 }
                 self.step.d_users -= 1;
@@ -363,7 +340,6 @@ impl Planner {
             self.step.d_sessions -= 1;
         }
         self.step.ended = true;
-        Ok(())
     }
 }
 

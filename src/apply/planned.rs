@@ -2,30 +2,39 @@
 //! under `WATCH`, decide each step in the worker ([`crate::plan`]), write the steps in one
 //! `MULTI`/`EXEC`. A script call costs Redis several times the commands it makes (the Lua around
 //! them); here Redis runs only the commands. If anything changed a watched key meanwhile
-//! (another replica, an expiry visit), `EXEC` does nothing and the script applies the batch as
+//! (another replica, an expiry visit), `EXEC` does nothing and the script applies the chunk as
 //! before, so the outcome is the script's either way.
 //!
-//! `WATCH` belongs to a connection, so the path has one of its own, used by one batch at a time.
+//! `WATCH` belongs to a connection: each chunk of documents takes a connection of the path's
+//! own for its rounds, and gives it back after its `EXEC`.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{RedisResult, Value};
+use tokio::sync::watch;
 
 use super::{Applied, Applier};
 use crate::coalesce::DocUpdate;
 use crate::error::{Error, Result};
 use crate::plan::{plan_doc, users_of, DocRead, DocStep, Planned, LARGE};
 
-/// The planned path's connections (see the module docs).
+/// The planned path's connections and the batch in flight (see the module docs).
 #[derive(Debug)]
 pub(crate) struct Watched {
     client: redis::Client,
     response_timeout: Duration,
-    /// [`CONNECTIONS`] connections, used by one batch at a time: a later batch's reads must
-    /// follow this one's writes, or documents in both (the most popular) would fail its `EXEC`.
-    cons: tokio::sync::Mutex<Vec<Option<MultiplexedConnection>>>,
+    /// Connections no chunk holds now.
+    idle: Mutex<Vec<MultiplexedConnection>>,
+    /// The documents of the batches in flight, and whether each is done. A batch's chunks of
+    /// documents also in an earlier batch still in flight wait until those are done: read
+    /// before their writes, they would fail their `EXEC` (the most popular documents are in
+    /// every batch). The other chunks go at once, so that Redis runs one batch's writes while
+    /// the worker plans the next.
+    in_flight: Mutex<Vec<InFlight>>,
     /// Set when Redis refuses the path's commands for good (an ACL without `WATCH`, say): the
     /// script applies everything from then on.
     off: AtomicBool,
@@ -34,21 +43,18 @@ pub(crate) struct Watched {
     pub(crate) conflicts: AtomicU64,
 }
 
-/// Connections a batch's chunks run on at once: while the worker plans one chunk, Redis runs
-/// the others' commands.
-const CONNECTIONS: usize = 16;
-
 /// Documents per chunk, each chunk watched and written on its own. Redis 7.0 checks every key a
 /// connection watches against all those it already watches (quadratic): a whole batch's 1,400
 /// keys took 15 ms of Redis time, 64 take a few microseconds.
-const CHUNK: usize = 64;
+const CHUNK: usize = 32;
 
 impl Watched {
     pub(crate) fn new(client: redis::Client, response_timeout: Duration) -> Self {
         Self {
             client,
             response_timeout,
-            cons: tokio::sync::Mutex::new((0..CONNECTIONS).map(|_| None).collect()),
+            idle: Mutex::new(Vec::new()),
+            in_flight: Mutex::new(Vec::new()),
             off: AtomicBool::new(false),
             planned: AtomicU64::new(0),
             conflicts: AtomicU64::new(0),
@@ -59,7 +65,11 @@ impl Watched {
         self.off.load(Ordering::Relaxed)
     }
 
-    async fn connect(&self) -> Result<MultiplexedConnection> {
+    /// An idle connection, or a new one.
+    async fn take(&self) -> Result<MultiplexedConnection> {
+        if let Some(con) = self.idle.lock().expect("idle connections").pop() {
+            return Ok(con);
+        }
         let config = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(self.response_timeout))
             .set_connection_timeout(Some(Duration::from_secs(5)));
@@ -67,6 +77,22 @@ impl Watched {
             .client
             .get_multiplexed_async_connection_with_config(&config)
             .await?)
+    }
+
+    fn give_back(&self, con: MultiplexedConnection) {
+        self.idle.lock().expect("idle connections").push(con);
+    }
+}
+
+/// A batch in flight: its documents (hashed) and whether it is done.
+type InFlight = (std::sync::Arc<HashSet<u32>>, watch::Receiver<bool>);
+
+/// Marks a batch done when dropped (also when it fails or is cancelled).
+pub(super) struct Done(watch::Sender<bool>);
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.0.send_replace(true);
     }
 }
 
@@ -76,45 +102,62 @@ const PAD_FIELD: &str = "\u{1f}";
 
 impl Applier {
     /// Applies what it can of `docs` on the planned path; `None` for each document the script
-    /// must apply (or all of a chunk's, when its `EXEC` found a watched key changed).
+    /// must apply (or all of a chunk's, when its `EXEC` found a watched key changed). The batch
+    /// counts as in flight until the [`Done`] returned is dropped: after the script applied the
+    /// rest.
     pub(super) async fn apply_planned(
         &self,
         w: &Watched,
         docs: &[DocUpdate],
-    ) -> Result<Vec<Option<Applied>>> {
-        let mut cons = w.cons.lock().await;
-        for con in cons.iter_mut().filter(|c| c.is_none()) {
-            *con = Some(w.connect().await?);
-        }
-        let chunks: Vec<&[DocUpdate]> = docs.chunks(CHUNK).collect();
-        let n = cons.len();
-        let lanes = cons.iter_mut().enumerate().map(|(lane, slot)| {
-            let chunks = &chunks;
+    ) -> Result<(Vec<Option<Applied>>, Done)> {
+        let ids: Vec<u32> = docs
+            .iter()
+            .map(|d| crate::shard::fnv1a32(d.doc.as_bytes()))
+            .collect();
+        let (tx, rx) = watch::channel(false);
+        let done = Done(tx);
+        let earlier: Vec<InFlight> = {
+            let mut in_flight = w.in_flight.lock().expect("batches in flight");
+            in_flight.retain(|(_, done)| !*done.borrow());
+            let earlier = in_flight.clone();
+            in_flight.push((std::sync::Arc::new(ids.iter().copied().collect()), rx));
+            earlier
+        };
+        // The documents an earlier batch holds, after the others.
+        let (free, held): (Vec<usize>, Vec<usize>) =
+            (0..docs.len()).partition(|&i| earlier.iter().all(|(set, _)| !set.contains(&ids[i])));
+        let first_held = free.len().div_ceil(CHUNK);
+        let chunks: Vec<&[usize]> = free.chunks(CHUNK).chain(held.chunks(CHUNK)).collect();
+        let runs = chunks.iter().enumerate().map(|(k, &chunk)| {
+            let mut wait: Vec<_> = if k >= first_held {
+                earlier.iter().map(|(_, done)| done.clone()).collect()
+            } else {
+                Vec::new()
+            };
             async move {
-                let mut done = Vec::new();
-                for k in (lane..chunks.len()).step_by(n) {
-                    let con = slot.as_mut().expect("connected above");
-                    match self.rounds(con, chunks[k], &w.conflicts).await {
-                        Ok(out) => done.push((k, out)),
-                        Err(e) => {
-                            // WATCH state unknown: a new connection next time.
-                            *slot = None;
-                            return Err(e);
-                        }
-                    }
+                for done in &mut wait {
+                    // (An error: that batch is gone, done or not.)
+                    let _ = done.wait_for(|&d| d).await;
                 }
-                Ok(done)
+                let mut con = w.take().await?;
+                let chunk_docs: Vec<&DocUpdate> = chunk.iter().map(|&i| &docs[i]).collect();
+                // On an error the connection's WATCH state is unknown: it is dropped.
+                let out = self.rounds(&mut con, &chunk_docs, &w.conflicts).await?;
+                w.give_back(con);
+                Ok::<_, Error>(out)
             }
         });
         let mut out = vec![None; docs.len()];
-        for lane in futures_util::future::join_all(lanes).await {
-            match lane {
-                Ok(done) => {
-                    for (k, chunk_out) in done {
-                        let planned = chunk_out.iter().filter(|a| a.is_some()).count() as u64;
-                        w.planned.fetch_add(planned, Ordering::Relaxed);
-                        let at = k * CHUNK;
-                        out[at..at + chunk_out.len()].clone_from_slice(&chunk_out);
+        for (chunk, run) in chunks
+            .iter()
+            .zip(futures_util::future::join_all(runs).await)
+        {
+            match run {
+                Ok(chunk_out) => {
+                    let planned = chunk_out.iter().filter(|a| a.is_some()).count() as u64;
+                    w.planned.fetch_add(planned, Ordering::Relaxed);
+                    for (&i, a) in chunk.iter().zip(chunk_out) {
+                        out[i] = a;
                     }
                 }
                 Err(e) if e.is_transient() => return Err(e),
@@ -124,27 +167,37 @@ impl Applier {
                 }
             }
         }
-        Ok(out)
+        Ok((out, done))
     }
 
     async fn rounds(
         &self,
         con: &mut MultiplexedConnection,
-        docs: &[DocUpdate],
+        docs: &[&DocUpdate],
         conflicts: &AtomicU64,
     ) -> Result<Vec<Option<Applied>>> {
-        let users: Vec<_> = docs.iter().map(users_of).collect();
+        let users: Vec<_> = docs.iter().map(|d| users_of(d)).collect();
         let records: Vec<String> = docs
             .iter()
             .map(|d| self.keys.doc_key(&d.doc, "records"))
             .collect();
-        // Round one: watch the records, read the users' values.
+        // Round one: watch the records hashes and users sets, read the users' values, the
+        // counts and the memberships.
+        let users_keys: Vec<String> = docs
+            .iter()
+            .map(|d| self.keys.doc_key(&d.doc, "users"))
+            .collect();
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        pipe.cmd("WATCH").arg(&records);
+        pipe.cmd("WATCH").arg(&records).arg(&users_keys);
         pipe.cmd("TIME");
-        for (key, (names, _)) in records.iter().zip(&users) {
-            pipe.cmd("HMGET").arg(key).arg(names);
+        for (i, d) in docs.iter().enumerate() {
+            let names = &users[i].0;
+            pipe.cmd("HMGET").arg(&records[i]).arg(names);
+            pipe.cmd("SCARD").arg(&users_keys[i]);
+            pipe.cmd("SMISMEMBER").arg(&users_keys[i]).arg(names);
+            pipe.cmd("EXISTS")
+                .arg(self.keys.doc_key(&d.doc, "sessions"));
         }
         let mut replies = pipe
             .query_async::<Vec<RedisResult<Value>>>(con)
@@ -152,81 +205,12 @@ impl Applier {
             .into_iter();
         replies.next().transpose()?;
         let now = server_ms(replies.next().transpose()?)?;
-        let mut reads: Vec<Option<DocRead>> = replies
-            .map(|values| {
-                let values = redis::from_redis_value(values.ok()?).ok()?;
-                Some(DocRead {
-                    values,
-                    counts: None,
-                })
-            })
-            .collect();
-        if reads.len() != docs.len() {
-            return Err(Error::Protocol(format!(
-                "{} replies to HMGET for {} documents",
-                reads.len(),
-                docs.len()
-            )));
+        let mut plans: Vec<Option<Planned>> = Vec::with_capacity(docs.len());
+        for (d, (_, user_of)) in docs.iter().zip(&users) {
+            let read = doc_read(&mut replies);
+            plans.push(read.map(|r| plan_doc(d, user_of, &r, now, self.max_user_sessions)));
         }
-        let plan = |i: usize, read: &DocRead| {
-            plan_doc(&docs[i], &users[i].1, read, now, self.max_user_sessions)
-        };
-        // A document none of whose users has a record may still be in an earlier version's
-        // keys: its counts are read first, with EXISTS.
-        let fresh = |read: &DocRead| read.values.iter().all(Option::is_none);
-        let mut plans: Vec<Option<Planned>> = reads
-            .iter()
-            .enumerate()
-            .map(|(i, r)| match r {
-                Some(r) if fresh(r) => Some(Planned::NeedCounts),
-                Some(r) => Some(plan(i, r)),
-                None => None,
-            })
-            .collect();
-        // Round two, for the steps that start or end sessions: watch the users sets, read the
-        // counts and memberships.
-        let need: Vec<usize> = (0..docs.len())
-            .filter(|&i| matches!(plans[i], Some(Planned::NeedCounts)))
-            .collect();
-        if !need.is_empty() {
-            let users_keys: Vec<String> = need
-                .iter()
-                .map(|&i| self.keys.doc_key(&docs[i].doc, "users"))
-                .collect();
-            let mut pipe = redis::pipe();
-            pipe.ignore_errors();
-            pipe.cmd("WATCH").arg(&users_keys);
-            for (&i, key) in need.iter().zip(&users_keys) {
-                pipe.cmd("SCARD").arg(key);
-                pipe.cmd("SMISMEMBER").arg(key).arg(&users[i].0);
-                if reads[i].as_ref().is_some_and(fresh) {
-                    pipe.cmd("EXISTS")
-                        .arg(self.keys.doc_key(&docs[i].doc, "sessions"));
-                }
-            }
-            let mut replies = pipe
-                .query_async::<Vec<RedisResult<Value>>>(con)
-                .await?
-                .into_iter();
-            replies.next().transpose()?;
-            for &i in &need {
-                let Some(read) = reads[i].as_mut() else {
-                    continue;
-                };
-                let before = replies.next().and_then(|r| r.ok());
-                let members = replies.next().and_then(|r| r.ok());
-                let old = if fresh(read) {
-                    replies.next().and_then(|r| r.ok())
-                } else {
-                    Some(Value::Int(0))
-                };
-                plans[i] = counts(before, members, old, users[i].0.len()).map(|c| {
-                    read.counts = Some(c);
-                    plan(i, read)
-                });
-            }
-        }
-        // Round three: the steps, in one transaction.
+        // Round two: the steps, in one transaction.
         let mut out = vec![None; docs.len()];
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -401,19 +385,23 @@ impl Globals {
     }
 }
 
-/// A document's counts (`SCARD`, `SMISMEMBER` of its `n` users), given `EXISTS` of an earlier
-/// version's sessions hash; `None` when the script must apply it (a read failed, or the document
-/// is still in an earlier version's keys).
-fn counts(
-    before: Option<Value>,
-    members: Option<Value>,
-    old: Option<Value>,
-    n: usize,
-) -> Option<(u64, Vec<bool>)> {
-    let before: u64 = redis::from_redis_value(before?).ok()?;
-    let members: Vec<bool> = redis::from_redis_value(members?).ok()?;
+/// A document's reads, from its replies to `HMGET`, `SCARD`, `SMISMEMBER` and `EXISTS` of an
+/// earlier version's sessions hash; `None` when the script must apply it: a read failed, or
+/// none of the users has a record and the document may still be in an earlier version's keys
+/// (the script moves it).
+fn doc_read(replies: &mut impl Iterator<Item = RedisResult<Value>>) -> Option<DocRead> {
+    let mut next = || replies.next().and_then(|r| r.ok());
+    let (values, before, members, old) = (next(), next(), next(), next());
+    let values: Vec<Option<Vec<u8>>> = redis::from_redis_value(values?).ok()?;
     let old: u64 = redis::from_redis_value(old?).ok()?;
-    (old == 0 && members.len() == n).then_some((before, members))
+    if old != 0 && values.iter().all(Option::is_none) {
+        return None;
+    }
+    Some(DocRead {
+        values,
+        before: redis::from_redis_value(before?).ok()?,
+        members: redis::from_redis_value(members?).ok()?,
+    })
 }
 
 /// `TIME` in milliseconds, as the scripts compute it.
