@@ -191,13 +191,15 @@ impl Applier {
         pipe.ignore_errors();
         pipe.cmd("WATCH").arg(&records).arg(&users_keys);
         pipe.cmd("TIME");
-        for (i, d) in docs.iter().enumerate() {
-            let names = &users[i].0;
+        // (One EXISTS for the chunk: earlier versions' keys are rare.)
+        let old = pipe.cmd("EXISTS");
+        for d in docs {
+            old.arg(self.keys.doc_key(&d.doc, "sessions"));
+        }
+        for (i, names) in users.iter().map(|(names, _)| names).enumerate() {
             pipe.cmd("HMGET").arg(&records[i]).arg(names);
             pipe.cmd("SCARD").arg(&users_keys[i]);
             pipe.cmd("SMISMEMBER").arg(&users_keys[i]).arg(names);
-            pipe.cmd("EXISTS")
-                .arg(self.keys.doc_key(&d.doc, "sessions"));
         }
         let mut replies = pipe
             .query_async::<Vec<RedisResult<Value>>>(con)
@@ -205,9 +207,13 @@ impl Applier {
             .into_iter();
         replies.next().transpose()?;
         let now = server_ms(replies.next().transpose()?)?;
+        let old: u64 = match replies.next().transpose()? {
+            Some(n) => redis::from_redis_value(n).map_err(|e| Error::Protocol(e.to_string()))?,
+            None => 1,
+        };
         let mut plans: Vec<Option<Planned>> = Vec::with_capacity(docs.len());
         for (d, (_, user_of)) in docs.iter().zip(&users) {
-            let read = doc_read(&mut replies);
+            let read = doc_read(&mut replies, old > 0);
             plans.push(read.map(|r| plan_doc(d, user_of, &r, now, self.max_user_sessions)));
         }
         // Round two: the steps, in one transaction.
@@ -385,16 +391,15 @@ impl Globals {
     }
 }
 
-/// A document's reads, from its replies to `HMGET`, `SCARD`, `SMISMEMBER` and `EXISTS` of an
-/// earlier version's sessions hash; `None` when the script must apply it: a read failed, or
-/// none of the users has a record and the document may still be in an earlier version's keys
-/// (the script moves it).
-fn doc_read(replies: &mut impl Iterator<Item = RedisResult<Value>>) -> Option<DocRead> {
+/// A document's reads, from its replies to `HMGET`, `SCARD` and `SMISMEMBER`; `None` when the
+/// script must apply it: a read failed, or none of the users has a record and the document may
+/// still be in an earlier version's keys (`old`: some document of the chunk has an earlier
+/// version's sessions hash), which the script moves.
+fn doc_read(replies: &mut impl Iterator<Item = RedisResult<Value>>, old: bool) -> Option<DocRead> {
     let mut next = || replies.next().and_then(|r| r.ok());
-    let (values, before, members, old) = (next(), next(), next(), next());
+    let (values, before, members) = (next(), next(), next());
     let values: Vec<Option<Vec<u8>>> = redis::from_redis_value(values?).ok()?;
-    let old: u64 = redis::from_redis_value(old?).ok()?;
-    if old != 0 && values.iter().all(Option::is_none) {
+    if old && values.iter().all(Option::is_none) {
         return None;
     }
     Some(DocRead {
