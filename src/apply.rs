@@ -1,6 +1,7 @@
-//! Apply stage: the coalesced updates of many documents per script call (each document still one
-//! atomic step), calls pipelined; and the expiry of silent sessions, which changes documents the
-//! same way.
+//! Apply stage: the coalesced updates of many documents, each document one atomic step: on the
+//! planned path (see [`Applier::with_planned_path`]) decided by the worker and written in
+//! `MULTI`/`EXEC`, otherwise by the script, many documents per call, calls pipelined; and the
+//! expiry of silent sessions, which changes documents the same way.
 
 use crate::connection::Conn;
 use redis::{Cmd, Script};

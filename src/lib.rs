@@ -7,7 +7,9 @@
 //!   [`lease`]: in a backlog, reads without the pending-entries list, each batch under a lease;
 //! - [`event`]: wire format v1, decoding and validation ([`limits`] bounds the input);
 //! - [`coalesce`]: the deciding events per session, grouped by document;
-//! - [`apply`]: one atomic Lua script per document (`lua/apply.lua`), pipelined;
+//! - [`apply`]: one atomic step per document: on the planned path the worker decides it (`plan`)
+//!   and writes chunks of documents in `MULTI`/`EXEC` under `WATCH`; otherwise, and whenever that
+//!   fails, the Lua script (`lua/apply.lua`), pipelined;
 //! - [`snapshot`]: snapshot requests decided by the scripts, flushed from per-document outboxes;
 //! - [`ack`]: dead letters and `XACK` in one atomic step;
 //! - [`reclaim`]: entries other consumers left pending, and delivery counts;

@@ -29,6 +29,8 @@ pub(crate) struct Watched {
     response_timeout: Duration,
     /// Connections no chunk holds now.
     idle: Mutex<Vec<MultiplexedConnection>>,
+    /// Chunks in their rounds at once, so at most that many connections ([`CONNECTIONS`]).
+    lanes: tokio::sync::Semaphore,
     /// The documents of the batches in flight, and whether each is done. A batch's chunks of
     /// documents also in an earlier batch still in flight wait until those are done: read
     /// before their writes, they would fail their `EXEC` (the most popular documents are in
@@ -43,6 +45,10 @@ pub(crate) struct Watched {
     pub(crate) conflicts: AtomicU64,
 }
 
+/// Most connections of the planned path: while the worker plans one chunk, Redis runs the
+/// others' commands; more only cost memory (each has its buffers).
+const CONNECTIONS: usize = 16;
+
 /// Documents per chunk, each chunk watched and written on its own. Redis 7.0 checks every key a
 /// connection watches against all those it already watches (quadratic): a whole batch's 1,400
 /// keys took 15 ms of Redis time, 64 take a few microseconds.
@@ -54,6 +60,7 @@ impl Watched {
             client,
             response_timeout,
             idle: Mutex::new(Vec::new()),
+            lanes: tokio::sync::Semaphore::new(CONNECTIONS),
             in_flight: Mutex::new(Vec::new()),
             off: AtomicBool::new(false),
             planned: AtomicU64::new(0),
@@ -139,6 +146,7 @@ impl Applier {
                     // (An error: that batch is gone, done or not.)
                     let _ = done.wait_for(|&d| d).await;
                 }
+                let _lane = w.lanes.acquire().await.expect("never closed");
                 let mut con = w.take().await?;
                 let chunk_docs: Vec<&DocUpdate> = chunk.iter().map(|&i| &docs[i]).collect();
                 // On an error the connection's WATCH state is unknown: it is dropped.
