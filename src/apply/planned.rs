@@ -359,19 +359,17 @@ struct Globals {
 
 impl Globals {
     fn write(&self, pipe: &mut redis::Pipeline, keys: &crate::keys::GlobalKeys) {
-        if self.d_sessions != 0 {
-            pipe.cmd("HINCRBY")
-                .arg(&keys.stats)
-                .arg("live_sessions")
-                .arg(self.d_sessions)
-                .ignore();
-        }
-        if self.d_users != 0 {
-            pipe.cmd("HINCRBY")
-                .arg(&keys.stats)
-                .arg("present_users")
-                .arg(self.d_users)
-                .ignore();
+        for (field, d) in [
+            ("live_sessions", self.d_sessions),
+            ("present_users", self.d_users),
+        ] {
+            if d != 0 {
+                pipe.cmd("HINCRBY")
+                    .arg(&keys.stats)
+                    .arg(field)
+                    .arg(d)
+                    .ignore();
+            }
         }
         if !self.top_del.is_empty() {
             pipe.cmd("ZREM").arg(&keys.top).arg(&self.top_del).ignore();
