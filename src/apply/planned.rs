@@ -234,7 +234,8 @@ impl Applier {
                 continue;
             };
             let (doc, names) = (&docs[i].doc, &users[i].0);
-            self.write_step(&mut pipe, doc, &records[i], names, &step, now, &mut globals);
+            let keys = (records[i].as_str(), users_keys[i].as_str());
+            self.write_step(&mut pipe, doc, keys, names, &step, now, &mut globals);
             out[i] = Some(Applied {
                 outcomes: step.outcomes,
                 snapshot: String::new(),
@@ -261,7 +262,7 @@ impl Applier {
         &self,
         pipe: &mut redis::Pipeline,
         doc: &str,
-        records: &str,
+        (records, users_key): (&str, &str),
         users: &[&str],
         step: &DocStep,
         now: u64,
@@ -274,16 +275,15 @@ impl Applier {
             }
             hset.ignore();
         }
-        let users_key = self.keys.doc_key(doc, "users");
         if !step.added.is_empty() {
-            let sadd = pipe.cmd("SADD").arg(&users_key);
+            let sadd = pipe.cmd("SADD").arg(users_key);
             for &u in &step.added {
                 sadd.arg(users[u]);
             }
             sadd.ignore();
         }
         if !step.removed.is_empty() {
-            let srem = pipe.cmd("SREM").arg(&users_key);
+            let srem = pipe.cmd("SREM").arg(users_key);
             for &u in &step.removed {
                 srem.arg(users[u]);
             }
