@@ -128,13 +128,25 @@ impl Applier {
     /// planner does not handle, and every batch in which a watched key changed before `EXEC`,
     /// the script applies as before. Off while snapshot requests or the change feed are
     /// configured (the script decides those), and for the benchmark's baselines
-    /// ([`Applier::with_docs_per_call`]).
-    pub fn with_planned_path(mut self, client: redis::Client, response_timeout: Duration) -> Self {
+    /// ([`Applier::with_docs_per_call`]). Its connections are lean ones ([`crate::resp`]) where
+    /// the client allows.
+    pub fn with_planned_path(self, client: redis::Client, response_timeout: Duration) -> Self {
+        self.with_planned_path_on(client, response_timeout, true)
+    }
+
+    /// [`Applier::with_planned_path`], on lean connections only when `lean`.
+    pub fn with_planned_path_on(
+        mut self,
+        client: redis::Client,
+        response_timeout: Duration,
+        lean: bool,
+    ) -> Self {
         let s = &self.snapshots;
         if s.thresholds.is_empty() && !s.on_empty && !s.publish_changes {
             self.watched = Some(std::sync::Arc::new(planned::Watched::new(
                 client,
                 response_timeout,
+                lean,
             )));
         }
         self

@@ -324,6 +324,11 @@ pub struct RunArgs {
     /// under WATCH, decides, and writes in MULTI/EXEC; see the README's performance section).
     #[arg(long, env = "PRESENCE_SCRIPT_ONLY")]
     pub script_only: bool,
+    /// Use redis-rs's connections for backlog reads and the planned path too, instead of the
+    /// worker's lean RESP2 connections (plain TCP or Unix socket only; see the README's
+    /// performance section).
+    #[arg(long, env = "PRESENCE_REDIS_RS_CONNECTIONS")]
+    pub redis_rs_connections: bool,
 }
 
 /// `--http-addr`: an address, or `off`.
@@ -378,6 +383,7 @@ impl RunArgs {
         };
         c.max_user_sessions = self.max_user_sessions;
         c.planned = !self.script_only;
+        c.lean = !self.redis_rs_connections;
         c.http_addr = self.http_addr.0;
         c.snapshots = crate::snapshot::SnapshotConfig {
             thresholds: self.snapshot_thresholds.clone(),

@@ -62,6 +62,9 @@ pub struct WorkerConfig {
     /// Whether documents go through the planned path where it applies (see
     /// [`crate::apply::Applier::with_planned_path`]); off: every document through the script.
     pub planned: bool,
+    /// Whether the hot path (backlog reads, the planned path) uses lean connections
+    /// ([`crate::resp`]) where the client allows; off: redis-rs's connections everywhere.
+    pub lean: bool,
     /// A session not refreshed within this time is expired as if it had left (zero: never).
     pub session_ttl: Duration,
     /// Entries pending on another consumer for longer than this are reclaimed (zero: never).
@@ -104,6 +107,7 @@ impl WorkerConfig {
             limits: Limits::default(),
             max_user_sessions: crate::apply::DEFAULT_USER_SESSIONS,
             planned: true,
+            lean: true,
             session_ttl: Duration::from_secs(90),
             claim_idle: Duration::from_secs(60),
             max_deliveries: 5,

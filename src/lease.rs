@@ -53,7 +53,7 @@ pub struct LeasedRead {
 /// one `MULTI` (see the module's documentation). A lease recorded for a read that got nothing is
 /// deleted before returning, so the next lease of this consumer never has its field.
 pub async fn read(
-    con: &mut Conn,
+    con: &mut (impl redis::aio::ConnectionLike + Send),
     stream: &str,
     group: &str,
     consumer: &str,
@@ -154,7 +154,12 @@ pub async fn read(
 }
 
 /// Deletes a lease (its batch is done, or it covered nothing).
-pub async fn release(con: &mut Conn, stream: &str, group: &str, field: &str) -> Result<()> {
+pub async fn release(
+    con: &mut (impl redis::aio::ConnectionLike + Send),
+    stream: &str,
+    group: &str,
+    field: &str,
+) -> Result<()> {
     redis::cmd("HDEL")
         .arg(key(stream, group))
         .arg(field)

@@ -51,6 +51,7 @@ pub mod produce;
 pub mod read;
 pub mod reclaim;
 pub mod redact;
+pub mod resp;
 pub mod retention;
 pub mod retry;
 pub mod shard;

@@ -59,7 +59,7 @@ pub enum ReadFrom {
 
 /// Reads up to `count` entries for `consumer`.
 pub async fn read(
-    con: &mut Conn,
+    con: &mut (impl redis::aio::ConnectionLike + Send),
     stream: &str,
     group: &str,
     consumer: &str,

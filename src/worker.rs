@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::connection::Conn;
+use crate::resp::ReadConn;
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::Acker;
@@ -156,7 +157,7 @@ pub async fn run_with_stats(
     .with_max_user_sessions(config.max_user_sessions);
     let applier = match &client {
         connection::Client::Single(c) if config.planned => {
-            applier.with_planned_path(c.clone(), config.response_timeout)
+            applier.with_planned_path_on(c.clone(), config.response_timeout, config.lean)
         }
         _ => applier,
     };
@@ -182,7 +183,12 @@ pub async fn run_with_stats(
             leader: i == 0,
             streams: streams.clone(),
             apply_con: apply_con.clone(),
-            read_con: connection::connect(&client, config.block + config.response_timeout).await?,
+            read_con: ReadConn::connect(
+                &client,
+                config.block + config.response_timeout,
+                config.lean,
+            )
+            .await?,
             client: client.clone(),
             progress: progress[i].clone(),
             leases_off: Default::default(),
@@ -225,7 +231,8 @@ struct Worker {
     applier: Applier,
     acker: Acker,
     apply_con: Conn,
-    read_con: Conn,
+    /// Reads new entries (lean where it can: see [`crate::resp`]).
+    read_con: ReadConn,
     /// Where Redis is: a loop restarted by the watchdog opens fresh connections.
     client: connection::Client,
     /// This loop's liveness, watched by [`Worker::supervised`].
@@ -339,7 +346,8 @@ impl Worker {
     async fn reconnect(&mut self) {
         let c = &self.config;
         let fresh = async {
-            let read = connection::connect(&self.client, c.block + c.response_timeout).await?;
+            let read =
+                ReadConn::connect(&self.client, c.block + c.response_timeout, c.lean).await?;
             let apply = connection::connect(&self.client, c.response_timeout).await?;
             Ok::<_, Error>((read, apply))
         };

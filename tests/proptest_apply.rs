@@ -453,18 +453,22 @@ fn the_planned_path_and_the_script_leave_the_same_state() {
 }
 
 /// Two replicas on the planned path apply batches two at a time, concurrently, in any order,
-/// then all again: they end at the model, though their `EXEC`s fail on each other's writes.
+/// then all again: they end at the model, though their `EXEC`s fail on each other's writes. One
+/// is on lean connections, the other on redis-rs's.
 async fn concurrent_planned_replicas(
     mut con: Conn,
     prefix: String,
     case: Case,
     client: redis::Client,
 ) {
-    let replica = || {
-        Applier::new(Keys::new(prefix.as_str()), 600_000, 0)
-            .with_planned_path(client.clone(), Duration::from_secs(5))
+    let replica = |lean| {
+        Applier::new(Keys::new(prefix.as_str()), 600_000, 0).with_planned_path_on(
+            client.clone(),
+            Duration::from_secs(5),
+            lean,
+        )
     };
-    let (a, b) = (replica(), replica());
+    let (a, b) = (replica(true), replica(false));
     let order: Vec<usize> = case.order.iter().chain(&case.again).copied().collect();
     for pair in order.chunks(2) {
         let batch = |i: usize| coalesce(&case.events[case.batches[pair[i]].clone()]);

@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use redis::{RedisResult, Value};
 use tokio::sync::watch;
 
@@ -21,14 +20,17 @@ use super::{Applied, Applier};
 use crate::coalesce::DocUpdate;
 use crate::error::{Error, Result};
 use crate::plan::{plan_doc, users_of, DocRead, DocStep, Planned, LARGE};
+use crate::resp::{LeanConn, OwnConn};
 
 /// The planned path's connections and the batch in flight (see the module docs).
 #[derive(Debug)]
 pub(crate) struct Watched {
     client: redis::Client,
     response_timeout: Duration,
+    /// Whether the path's connections are lean ones ([`crate::resp`]) where the client allows.
+    lean: bool,
     /// Connections no chunk holds now.
-    idle: Mutex<Vec<MultiplexedConnection>>,
+    idle: Mutex<Vec<OwnConn>>,
     /// Chunks in their rounds at once, so at most that many connections ([`CONNECTIONS`]).
     lanes: tokio::sync::Semaphore,
     /// The documents of the batches in flight, and whether each is done. A batch's chunks of
@@ -55,10 +57,11 @@ const CONNECTIONS: usize = 16;
 const CHUNK: usize = 32;
 
 impl Watched {
-    pub(crate) fn new(client: redis::Client, response_timeout: Duration) -> Self {
+    pub(crate) fn new(client: redis::Client, response_timeout: Duration, lean: bool) -> Self {
         Self {
             client,
             response_timeout,
+            lean,
             idle: Mutex::new(Vec::new()),
             lanes: tokio::sync::Semaphore::new(CONNECTIONS),
             in_flight: Mutex::new(Vec::new()),
@@ -73,20 +76,26 @@ impl Watched {
     }
 
     /// An idle connection, or a new one.
-    async fn take(&self) -> Result<MultiplexedConnection> {
+    async fn take(&self) -> Result<OwnConn> {
         if let Some(con) = self.idle.lock().expect("idle connections").pop() {
             return Ok(con);
+        }
+        if self.lean {
+            if let Some(con) = LeanConn::new(&self.client, self.response_timeout) {
+                return Ok(OwnConn::Lean(con));
+            }
         }
         let config = redis::AsyncConnectionConfig::new()
             .set_response_timeout(Some(self.response_timeout))
             .set_connection_timeout(Some(Duration::from_secs(5)));
-        Ok(self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?)
+        Ok(OwnConn::Redis(
+            self.client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?,
+        ))
     }
 
-    fn give_back(&self, con: MultiplexedConnection) {
+    fn give_back(&self, con: OwnConn) {
         self.idle.lock().expect("idle connections").push(con);
     }
 }
@@ -180,7 +189,7 @@ impl Applier {
 
     async fn rounds(
         &self,
-        con: &mut MultiplexedConnection,
+        con: &mut OwnConn,
         docs: &[&DocUpdate],
         conflicts: &AtomicU64,
     ) -> Result<Vec<Option<Applied>>> {

@@ -1,0 +1,508 @@
+//! A lean RESP2 connection for the hot path: the backlog's reads and the planned path's rounds.
+//!
+//! redis-rs parses every reply with a general parser-combinator (`combine`) and sends each
+//! request through a multiplexing task: on a backlog that was about a third of the worker's CPU
+//! (a 1,000-entry read cost 1.1 us per entry to parse). [`LeanConn`] is one plain connection, one
+//! request at a time, with a direct RESP2 reader building the same [`redis::Value`]s. It speaks
+//! only what the hot path needs: a standalone Redis over TCP or a Unix socket, RESP2, `AUTH` and
+//! `SELECT`. TLS, RESP3 and clusters keep redis-rs's connections ([`eligible`]).
+//!
+//! Like redis-rs's connection manager it reconnects by itself: a request that fails on the
+//! connection (I/O, a timeout, a reply it cannot parse) or is dropped before its reply (a
+//! cancelled blocking read) leaves the connection closed, and the next request opens a new one.
+//! Server error replies are values ([`redis::Value::ServerError`]), as with redis-rs.
+
+use std::io;
+use std::time::Duration;
+
+use redis::{ConnectionAddr, RedisError, RedisResult, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Where a lean connection goes and how it logs in.
+#[derive(Debug, Clone)]
+enum Target {
+    Tcp(String, u16),
+    #[cfg(unix)]
+    Unix(std::path::PathBuf),
+}
+
+/// Whether `client` can use lean connections: a standalone Redis over plain TCP or a Unix socket,
+/// spoken to in RESP2.
+pub fn eligible(client: &redis::Client) -> bool {
+    target(client).is_some()
+}
+
+fn target(client: &redis::Client) -> Option<Target> {
+    let info = client.get_connection_info();
+    if info.redis_settings().protocol() != redis::ProtocolVersion::RESP2 {
+        return None;
+    }
+    match info.addr() {
+        ConnectionAddr::Tcp(host, port) => Some(Target::Tcp(host.clone(), *port)),
+        #[cfg(unix)]
+        ConnectionAddr::Unix(path) => Some(Target::Unix(path.clone())),
+        _ => None,
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    #[cfg(unix)]
+    Unix(tokio::net::UnixStream),
+}
+
+impl Stream {
+    async fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.write_all(bytes).await,
+            #[cfg(unix)]
+            Stream::Unix(s) => s.write_all(bytes).await,
+        }
+    }
+
+    async fn read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.read_buf(buf).await,
+            #[cfg(unix)]
+            Stream::Unix(s) => s.read_buf(buf).await,
+        }
+    }
+}
+
+/// How much a read asks the socket for at least (a backlog read's reply is some 160 KB).
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Buffers larger than this after a request are shrunk back (one huge reply does not pin its
+/// memory for the connection's life).
+const KEEP_BUFFER: usize = 1024 * 1024;
+
+/// One RESP2 connection, one request at a time (see the module docs).
+pub struct LeanConn {
+    target: Target,
+    username: Option<String>,
+    password: Option<String>,
+    db: i64,
+    response_timeout: Duration,
+    stream: Option<Stream>,
+    /// Set while a request is on the wire: if still set when the next one starts, the previous
+    /// one was dropped before its reply, and the connection is not reused.
+    busy: bool,
+    out: Vec<u8>,
+    input: Vec<u8>,
+}
+
+impl std::fmt::Debug for LeanConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LeanConn({:?}, db {})", self.target, self.db)
+    }
+}
+
+impl LeanConn {
+    /// A lean connection to `client`'s server, each request (connecting included) bounded by
+    /// `response_timeout`; `None` when the client is not [`eligible`]. Connects on first use.
+    pub fn new(client: &redis::Client, response_timeout: Duration) -> Option<Self> {
+        let target = target(client)?;
+        let settings = client.get_connection_info().redis_settings();
+        Some(Self {
+            target,
+            username: settings.username().map(str::to_owned),
+            password: settings.password().map(str::to_owned),
+            db: settings.db(),
+            response_timeout,
+            stream: None,
+            busy: false,
+            out: Vec::new(),
+            input: Vec::new(),
+        })
+    }
+
+    /// Sends what `encode` writes and reads `replies` replies.
+    async fn exchange(
+        &mut self,
+        encode: impl FnOnce(&mut Vec<u8>),
+        replies: usize,
+    ) -> RedisResult<Vec<Value>> {
+        self.out.clear();
+        encode(&mut self.out);
+        if std::mem::replace(&mut self.busy, true) {
+            self.stream = None;
+        }
+        let result = match tokio::time::timeout(self.response_timeout, self.round(replies)).await {
+            Ok(r) => r,
+            Err(_) => {
+                Err(io::Error::new(io::ErrorKind::TimedOut, "Redis did not reply in time").into())
+            }
+        };
+        if result.is_err() {
+            self.stream = None;
+            self.input.clear();
+        }
+        if self.input.capacity() > KEEP_BUFFER {
+            self.input = Vec::new();
+        }
+        self.busy = false;
+        result
+    }
+
+    async fn round(&mut self, replies: usize) -> RedisResult<Vec<Value>> {
+        if self.stream.is_none() {
+            self.input.clear();
+            self.stream = Some(self.open().await?);
+        }
+        let stream = self.stream.as_mut().expect("just opened");
+        stream.write_all(&self.out).await?;
+        let mut values = Vec::with_capacity(replies);
+        let mut at = 0;
+        while values.len() < replies {
+            match scan(&self.input[at..])? {
+                Some(_) => values.push(parse(&self.input, &mut at, 0)?),
+                None => {
+                    self.input.drain(..at);
+                    at = 0;
+                    self.input.reserve(READ_CHUNK);
+                    if stream.read_buf(&mut self.input).await? == 0 {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "Redis closed the connection",
+                        )
+                        .into());
+                    }
+                }
+            }
+        }
+        self.input.drain(..at);
+        Ok(values)
+    }
+
+    /// Connects and logs in.
+    async fn open(&mut self) -> RedisResult<Stream> {
+        let mut stream = match &self.target {
+            Target::Tcp(host, port) => {
+                let s = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                Stream::Tcp(s)
+            }
+            #[cfg(unix)]
+            Target::Unix(path) => Stream::Unix(tokio::net::UnixStream::connect(path).await?),
+        };
+        let mut hello = Vec::new();
+        let mut expected = 0;
+        if let Some(password) = &self.password {
+            let mut auth = redis::cmd("AUTH");
+            if let Some(user) = &self.username {
+                auth.arg(user);
+            }
+            auth.arg(password);
+            auth.write_packed_command(&mut hello);
+            expected += 1;
+        }
+        if self.db != 0 {
+            redis::cmd("SELECT")
+                .arg(self.db)
+                .write_packed_command(&mut hello);
+            expected += 1;
+        }
+        if expected > 0 {
+            stream.write_all(&hello).await?;
+            let mut at = 0;
+            let mut seen = 0;
+            while seen < expected {
+                match scan(&self.input[at..])? {
+                    Some(_) => {
+                        parse(&self.input, &mut at, 0)?.extract_error()?;
+                        seen += 1;
+                    }
+                    None => {
+                        self.input.reserve(1024);
+                        if stream.read_buf(&mut self.input).await? == 0 {
+                            return Err(io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                "Redis closed the connection while logging in",
+                            )
+                            .into());
+                        }
+                    }
+                }
+            }
+            self.input.clear();
+        }
+        Ok(stream)
+    }
+}
+
+impl redis::aio::ConnectionLike for LeanConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let mut replies = self
+                .exchange(|out| cmd.write_packed_command(out), 1)
+                .await?;
+            Ok(replies.pop().unwrap_or(Value::Nil))
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let encode = |out: &mut Vec<u8>| out.extend_from_slice(&pipeline.get_packed_pipeline());
+            let mut replies = self.exchange(encode, offset + count).await?;
+            // A transaction's skipped replies (MULTI's OK, each QUEUED): an error there (a
+            // command refused when queued) aborts it; that error is the one to report.
+            if pipeline.is_transaction() {
+                if let Some(Value::ServerError(e)) = replies[..offset]
+                    .iter()
+                    .find(|v| matches!(v, Value::ServerError(_)))
+                {
+                    return Err(e.clone().into());
+                }
+            }
+            Ok(replies.split_off(offset))
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.db
+    }
+}
+
+/// The read connection of a stream loop: lean where [`eligible`], else redis-rs's. Clones share
+/// one connection (the lean one behind a lock: a loop has one read in flight at a time).
+#[derive(Clone)]
+pub enum ReadConn {
+    /// A lean connection.
+    Lean(std::sync::Arc<tokio::sync::Mutex<LeanConn>>),
+    /// redis-rs's (TLS, RESP3, a cluster, or lean connections turned off).
+    Redis(crate::connection::Conn),
+}
+
+impl ReadConn {
+    /// A read connection to `client` whose requests may take up to `response_timeout`: lean
+    /// when `lean` and the client is [`eligible`].
+    pub async fn connect(
+        client: &crate::connection::Client,
+        response_timeout: Duration,
+        lean: bool,
+    ) -> crate::error::Result<Self> {
+        if let (true, crate::connection::Client::Single(c)) = (lean, client) {
+            if let Some(con) = LeanConn::new(c, response_timeout) {
+                return Ok(ReadConn::Lean(std::sync::Arc::new(
+                    tokio::sync::Mutex::new(con),
+                )));
+            }
+        }
+        crate::connection::connect(client, response_timeout)
+            .await
+            .map(ReadConn::Redis)
+    }
+}
+
+impl redis::aio::ConnectionLike for ReadConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            ReadConn::Lean(con) => {
+                Box::pin(async move { con.lock().await.req_packed_command(cmd).await })
+            }
+            ReadConn::Redis(con) => con.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            ReadConn::Lean(con) => Box::pin(async move {
+                con.lock()
+                    .await
+                    .req_packed_commands(pipeline, offset, count)
+                    .await
+            }),
+            ReadConn::Redis(con) => con.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            ReadConn::Lean(con) => con.try_lock().map(|c| c.db).unwrap_or(0),
+            ReadConn::Redis(con) => con.get_db(),
+        }
+    }
+}
+
+/// A connection of the planned path's own (see `apply::planned`): lean where [`eligible`], else
+/// a multiplexed connection of redis-rs.
+#[derive(Debug)]
+pub enum OwnConn {
+    /// A lean connection.
+    Lean(LeanConn),
+    /// redis-rs's.
+    Redis(redis::aio::MultiplexedConnection),
+}
+
+impl redis::aio::ConnectionLike for OwnConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            OwnConn::Lean(con) => con.req_packed_command(cmd),
+            OwnConn::Redis(con) => con.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            OwnConn::Lean(con) => con.req_packed_commands(pipeline, offset, count),
+            OwnConn::Redis(con) => con.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            OwnConn::Lean(con) => con.db,
+            OwnConn::Redis(con) => con.get_db(),
+        }
+    }
+}
+
+fn protocol_error(what: &str) -> RedisError {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("invalid RESP2 reply from Redis: {what}"),
+    )
+    .into()
+}
+
+/// Most elements of one array and bytes of one bulk string a reply may announce (Redis's own
+/// `proto-max-bulk-len` default is 512 MB).
+const MAX_LEN: i64 = 512 * 1024 * 1024;
+
+/// The line at the start of `buf` (without its CRLF) and the offset after it; `None` when the
+/// line is not all there yet.
+fn line(buf: &[u8]) -> Option<(&[u8], usize)> {
+    let cr = buf.iter().position(|&b| b == b'\r')?;
+    match buf.get(cr + 1) {
+        Some(b'\n') => Some((&buf[..cr], cr + 2)),
+        Some(_) => Some((&buf[..cr], usize::MAX)),
+        None => None,
+    }
+}
+
+fn number(digits: &[u8]) -> RedisResult<i64> {
+    let (negative, digits) = match digits.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, digits),
+    };
+    if digits.is_empty() || digits.len() > 19 {
+        return Err(protocol_error("a bad number"));
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return Err(protocol_error("a bad number"));
+        }
+        n = n
+            .checked_mul(10)
+            .and_then(|n| n.checked_add(i64::from(d - b'0')))
+            .ok_or_else(|| protocol_error("a number out of range"))?;
+    }
+    Ok(if negative { -n } else { n })
+}
+
+/// Checks that `buf` starts with one whole, well-formed RESP2 value and returns its length;
+/// `None` when more bytes are needed. Allocates nothing: a reply is scanned (again as more of it
+/// arrives) before [`parse`] builds it.
+fn scan(buf: &[u8]) -> RedisResult<Option<usize>> {
+    let mut at = 0;
+    // Values still to scan, over all the enclosing arrays.
+    let mut left: i64 = 1;
+    while left > 0 {
+        let Some(&kind) = buf.get(at) else {
+            return Ok(None);
+        };
+        let Some((text, next)) = line(&buf[at + 1..]) else {
+            return Ok(None);
+        };
+        if next == usize::MAX {
+            return Err(protocol_error("a line without CRLF"));
+        }
+        at += 1 + next;
+        left -= 1;
+        match kind {
+            b'+' | b'-' => {}
+            b':' => {
+                number(text)?;
+            }
+            b'$' => match number(text)? {
+                -1 => {}
+                n if (0..=MAX_LEN).contains(&n) => {
+                    let end = at + n as usize;
+                    if buf.len() < end + 2 {
+                        return Ok(None);
+                    }
+                    if &buf[end..end + 2] != b"\r\n" {
+                        return Err(protocol_error("a bulk string without CRLF"));
+                    }
+                    at = end + 2;
+                }
+                _ => return Err(protocol_error("a bad bulk length")),
+            },
+            b'*' => match number(text)? {
+                -1 => {}
+                n if (0..=MAX_LEN).contains(&n) => left += n,
+                _ => return Err(protocol_error("a bad array length")),
+            },
+            _ => return Err(protocol_error("an unknown type byte")),
+        }
+    }
+    Ok(Some(at))
+}
+
+/// How deep arrays may nest in a reply (Redis's replies nest a few levels).
+const MAX_DEPTH: usize = 32;
+
+/// Builds the value at `buf[*at..]`, which [`scan`] found whole and well formed, the way
+/// redis-rs does for RESP2, and moves `at` past it.
+fn parse(buf: &[u8], at: &mut usize, depth: usize) -> RedisResult<Value> {
+    let kind = buf[*at];
+    let (text, next) = line(&buf[*at + 1..]).ok_or_else(|| protocol_error("a cut line"))?;
+    let start = *at;
+    *at += 1 + next;
+    Ok(match kind {
+        b'+' if text == b"OK" => Value::Okay,
+        b'+' => Value::SimpleString(String::from_utf8_lossy(text).into_owned()),
+        // Rare: redis-rs's own parser, so that error codes come out exactly as it makes them.
+        b'-' => redis::parse_redis_value(&buf[start..*at])?,
+        b':' => Value::Int(number(text)?),
+        b'$' => match number(text)? {
+            -1 => Value::Nil,
+            len => {
+                let len = len as usize;
+                let bytes = buf[*at..*at + len].to_vec();
+                *at += len + 2;
+                Value::BulkString(bytes)
+            }
+        },
+        _ => match number(text)? {
+            -1 => Value::Nil,
+            _ if depth >= MAX_DEPTH => return Err(protocol_error("arrays nested too deep")),
+            len => {
+                let mut items = Vec::with_capacity(len as usize);
+                for _ in 0..len {
+                    items.push(parse(buf, at, depth + 1)?);
+                }
+                Value::Array(items)
+            }
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests;
