@@ -269,6 +269,10 @@ impl RunningWorker {
 pub async fn wait_drained(con: &mut Conn, stream: &str, group: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
+        // "Delivered to the end" is read before the pending counts: read after them, it could
+        // see a batch delivered after they were read and not yet applied (a flake seen in
+        // hostile.rs under load). Each count read later covers what was delivered by then.
+        let delivered = delivered_to_end(con, stream, group).await;
         let (pending, lag) = group_pending_lag(con, stream, group).await;
         // Leases (backlog batches read without the pending-entries list) count as pending.
         let leases: u64 = redis::cmd("HLEN")
@@ -276,7 +280,7 @@ pub async fn wait_drained(con: &mut Conn, stream: &str, group: &str) {
             .query_async(con)
             .await
             .expect("HLEN leases");
-        if pending == 0 && leases == 0 && (lag == 0 || delivered_to_end(con, stream, group).await) {
+        if pending == 0 && leases == 0 && (lag == 0 || delivered) {
             return;
         }
         if tokio::time::Instant::now() >= deadline {
