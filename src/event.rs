@@ -236,6 +236,14 @@ pub fn decode_entry(
 
 /// Decodes the MessagePack payload of field `e`.
 pub fn decode_payload(payload: &[u8]) -> Result<Event, Error> {
+    match fast::decode(payload) {
+        Some(event) => Ok(event),
+        None => decode_general(payload),
+    }
+}
+
+/// [`decode_payload`] through rmpv's value tree: any valid payload, and the error for any other.
+fn decode_general(payload: &[u8]) -> Result<Event, Error> {
     let mut rd = payload;
     let value = rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH)
         .map_err(|e| invalid(format!("payload is not valid MessagePack: {e}")))?;
@@ -446,6 +454,8 @@ pub fn decode_meta(bytes: &[u8]) -> Option<Meta> {
     let v = rmpv::decode::read_value_ref_with_max_depth(&mut rd, MAX_DEPTH).ok()?;
     decode_meta_value(&v).ok()
 }
+
+mod fast;
 
 #[cfg(test)]
 mod tests;
