@@ -116,14 +116,8 @@ impl LeanConn {
         })
     }
 
-    /// Sends what `encode` writes and reads `replies` replies.
-    async fn exchange(
-        &mut self,
-        encode: impl FnOnce(&mut Vec<u8>),
-        replies: usize,
-    ) -> RedisResult<Vec<Value>> {
-        self.out.clear();
-        encode(&mut self.out);
+    /// Sends the request in `self.out` and reads `replies` replies.
+    async fn exchange(&mut self, replies: usize) -> RedisResult<Vec<Value>> {
         if std::mem::replace(&mut self.busy, true) {
             self.stream = None;
         }
@@ -233,9 +227,9 @@ impl LeanConn {
 impl redis::aio::ConnectionLike for LeanConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         Box::pin(async move {
-            let mut replies = self
-                .exchange(|out| cmd.write_packed_command(out), 1)
-                .await?;
+            self.out.clear();
+            cmd.write_packed_command(&mut self.out);
+            let mut replies = self.exchange(1).await?;
             Ok(replies.pop().unwrap_or(Value::Nil))
         })
     }
@@ -247,8 +241,8 @@ impl redis::aio::ConnectionLike for LeanConn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let encode = |out: &mut Vec<u8>| out.extend_from_slice(&pipeline.get_packed_pipeline());
-            let mut replies = self.exchange(encode, offset + count).await?;
+            self.out = pipeline.get_packed_pipeline();
+            let mut replies = self.exchange(offset + count).await?;
             // A transaction's skipped replies (MULTI's OK, each QUEUED): an error there (a
             // command refused when queued) aborts it; that error is the one to report.
             if pipeline.is_transaction() {

@@ -161,6 +161,12 @@ pub async fn run_with_stats(
         }
         _ => applier,
     };
+    match &client {
+        connection::Client::Single(c) if config.lean && crate::resp::eligible(c) => {
+            tracing::info!("reads and the planned path on lean RESP2 connections")
+        }
+        _ => tracing::info!("reads and the planned path on redis-rs connections"),
+    }
     if let Err(e) = applier.load(&mut apply_con).await {
         tracing::warn!(error = %e, "cannot load the scripts ahead: each is loaded on first use");
     }
