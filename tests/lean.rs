@@ -201,3 +201,25 @@ async fn an_unreachable_server_is_an_error_not_a_hang() {
         .expect_err("nothing listens");
     assert!(e.is_connection_refusal() || e.is_io_error(), "{e}");
 }
+
+#[tokio::test]
+async fn speaks_over_a_unix_socket() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let socket = dir.path().join("redis.sock");
+    let socket_arg = socket.to_str().expect("utf-8 path");
+    let _server = RedisServer::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--unixsocket",
+        socket_arg,
+        "--unixsocketperm",
+        "700",
+    ]);
+    let url = format!("unix://{socket_arg}");
+    let mut con = lean(&url, Duration::from_secs(5));
+    let _: () = con.set("k", "over the socket").await.expect("SET");
+    let got: String = con.get("k").await.expect("GET");
+    assert_eq!(got, "over the socket");
+}
