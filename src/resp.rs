@@ -121,20 +121,24 @@ impl LeanConn {
         if std::mem::replace(&mut self.busy, true) {
             self.stream = None;
         }
-        let result = match tokio::time::timeout(self.response_timeout, self.round(replies)).await {
+        // Dropped before the reply (a cancelled blocking read): the connection is closed at
+        // once, so that Redis unblocks it and delivers nothing more to it.
+        let request = Abandoned(self);
+        let timeout = request.0.response_timeout;
+        let result = match tokio::time::timeout(timeout, request.0.round(replies)).await {
             Ok(r) => r,
             Err(_) => {
                 Err(io::Error::new(io::ErrorKind::TimedOut, "Redis did not reply in time").into())
             }
         };
+        let this = &mut *request.0;
         if result.is_err() {
-            self.stream = None;
-            self.input.clear();
+            this.stream = None;
+            this.input.clear();
         }
-        if self.input.capacity() > KEEP_BUFFER {
-            self.input = Vec::new();
-        }
-        self.busy = false;
+        this.input.shrink_to(KEEP_BUFFER);
+        this.out.shrink_to(KEEP_BUFFER);
+        this.busy = false;
         result
     }
 
@@ -145,27 +149,7 @@ impl LeanConn {
         }
         let stream = self.stream.as_mut().expect("just opened");
         stream.write_all(&self.out).await?;
-        let mut values = Vec::with_capacity(replies);
-        let mut at = 0;
-        while values.len() < replies {
-            match scan(&self.input[at..])? {
-                Some(_) => values.push(parse(&self.input, &mut at, 0)?),
-                None => {
-                    self.input.drain(..at);
-                    at = 0;
-                    self.input.reserve(READ_CHUNK);
-                    if stream.read_buf(&mut self.input).await? == 0 {
-                        return Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "Redis closed the connection",
-                        )
-                        .into());
-                    }
-                }
-            }
-        }
-        self.input.drain(..at);
-        Ok(values)
+        read_replies(stream, &mut self.input, replies).await
     }
 
     /// Connects and logs in.
@@ -198,29 +182,58 @@ impl LeanConn {
         }
         if expected > 0 {
             stream.write_all(&hello).await?;
-            let mut at = 0;
-            let mut seen = 0;
-            while seen < expected {
-                match scan(&self.input[at..])? {
-                    Some(_) => {
-                        parse(&self.input, &mut at, 0)?.extract_error()?;
-                        seen += 1;
-                    }
-                    None => {
-                        self.input.reserve(1024);
-                        if stream.read_buf(&mut self.input).await? == 0 {
-                            return Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                "Redis closed the connection while logging in",
-                            )
-                            .into());
-                        }
-                    }
-                }
+            for reply in read_replies(&mut stream, &mut self.input, expected).await? {
+                reply.extract_error()?;
             }
-            self.input.clear();
         }
         Ok(stream)
+    }
+}
+
+/// Reads `replies` whole replies from `stream`, `input` holding what was read and not yet used.
+async fn read_replies(
+    stream: &mut Stream,
+    input: &mut Vec<u8>,
+    replies: usize,
+) -> RedisResult<Vec<Value>> {
+    let mut values = Vec::with_capacity(replies);
+    let mut at = 0;
+    // How far the reply at `at` is scanned (offsets from `at`): kept while more of it is read, so
+    // that a large reply is scanned once, not again from its start after every read.
+    let mut scanned = Scan::default();
+    while values.len() < replies {
+        match scan_from(&input[at..], &mut scanned)? {
+            Some(_) => {
+                values.push(parse(input, &mut at, 0)?);
+                scanned = Scan::default();
+            }
+            None => {
+                input.drain(..at);
+                at = 0;
+                input.reserve(READ_CHUNK);
+                if stream.read_buf(input).await? == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "Redis closed the connection",
+                    )
+                    .into());
+                }
+            }
+        }
+    }
+    input.drain(..at);
+    Ok(values)
+}
+
+/// A request in progress on a [`LeanConn`]: if dropped before it ends (`busy` still set), the
+/// connection is closed.
+struct Abandoned<'a>(&'a mut LeanConn);
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.0.busy {
+            self.0.stream = None;
+        }
     }
 }
 
@@ -244,13 +257,21 @@ impl redis::aio::ConnectionLike for LeanConn {
             self.out = pipeline.get_packed_pipeline();
             let mut replies = self.exchange(offset + count).await?;
             // A transaction's skipped replies (MULTI's OK, each QUEUED): an error there (a
-            // command refused when queued) aborts it; that error is the one to report.
+            // command refused when queued) aborts it. As with redis-rs, the error's code is
+            // EXECABORT (callers match on it); its message names the first refusal.
             if pipeline.is_transaction() {
                 if let Some(Value::ServerError(e)) = replies[..offset]
                     .iter()
                     .find(|v| matches!(v, Value::ServerError(_)))
                 {
-                    return Err(e.clone().into());
+                    let detail = RedisError::from(e.clone())
+                        .to_string()
+                        .replace(['\r', '\n'], " ");
+                    let line = format!("-EXECABORT Transaction discarded: {detail}\r\n");
+                    return match redis::parse_redis_value(line.as_bytes())?.extract_error() {
+                        Err(abort) => Err(abort),
+                        Ok(_) => Err(e.clone().into()),
+                    };
                 }
             }
             Ok(replies.split_off(offset))
@@ -266,8 +287,8 @@ impl redis::aio::ConnectionLike for LeanConn {
 /// one connection (the lean one behind a lock: a loop has one read in flight at a time).
 #[derive(Clone)]
 pub enum ReadConn {
-    /// A lean connection.
-    Lean(std::sync::Arc<tokio::sync::Mutex<LeanConn>>),
+    /// A lean connection, and its database.
+    Lean(std::sync::Arc<tokio::sync::Mutex<LeanConn>>, i64),
     /// redis-rs's (TLS, RESP3, a cluster, or lean connections turned off).
     Redis(crate::connection::Conn),
 }
@@ -282,9 +303,9 @@ impl ReadConn {
     ) -> crate::error::Result<Self> {
         if let (true, crate::connection::Client::Single(c)) = (lean, client) {
             if let Some(con) = LeanConn::new(c, response_timeout) {
-                return Ok(ReadConn::Lean(std::sync::Arc::new(
-                    tokio::sync::Mutex::new(con),
-                )));
+                let db = con.db;
+                let con = std::sync::Arc::new(tokio::sync::Mutex::new(con));
+                return Ok(ReadConn::Lean(con, db));
             }
         }
         crate::connection::connect(client, response_timeout)
@@ -296,7 +317,7 @@ impl ReadConn {
 impl redis::aio::ConnectionLike for ReadConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
         match self {
-            ReadConn::Lean(con) => {
+            ReadConn::Lean(con, _) => {
                 Box::pin(async move { con.lock().await.req_packed_command(cmd).await })
             }
             ReadConn::Redis(con) => con.req_packed_command(cmd),
@@ -310,7 +331,7 @@ impl redis::aio::ConnectionLike for ReadConn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<Value>> {
         match self {
-            ReadConn::Lean(con) => Box::pin(async move {
+            ReadConn::Lean(con, _) => Box::pin(async move {
                 con.lock()
                     .await
                     .req_packed_commands(pipeline, offset, count)
@@ -322,7 +343,7 @@ impl redis::aio::ConnectionLike for ReadConn {
 
     fn get_db(&self) -> i64 {
         match self {
-            ReadConn::Lean(con) => con.try_lock().map(|c| c.db).unwrap_or(0),
+            ReadConn::Lean(_, db) => *db,
             ReadConn::Redis(con) => con.get_db(),
         }
     }
@@ -397,27 +418,46 @@ fn number(digits: &[u8]) -> RedisResult<i64> {
     if digits.is_empty() || digits.len() > 19 {
         return Err(protocol_error("a bad number"));
     }
-    let mut n: i64 = 0;
+    let mut n: i128 = 0;
     for &d in digits {
         if !d.is_ascii_digit() {
             return Err(protocol_error("a bad number"));
         }
-        n = n
-            .checked_mul(10)
-            .and_then(|n| n.checked_add(i64::from(d - b'0')))
-            .ok_or_else(|| protocol_error("a number out of range"))?;
+        n = n * 10 + i128::from(d - b'0');
     }
-    Ok(if negative { -n } else { n })
+    i64::try_from(if negative { -n } else { n })
+        .map_err(|_| protocol_error("a number out of range"))
 }
 
 /// Checks that `buf` starts with one whole, well-formed RESP2 value and returns its length;
-/// `None` when more bytes are needed. Allocates nothing: a reply is scanned (again as more of it
-/// arrives) before [`parse`] builds it.
+/// `None` when more bytes are needed. Allocates nothing: a reply is scanned (as it arrives) before
+/// [`parse`] builds it.
+#[cfg(test)]
 fn scan(buf: &[u8]) -> RedisResult<Option<usize>> {
-    let mut at = 0;
-    // Values still to scan, over all the enclosing arrays.
-    let mut left: i64 = 1;
+    scan_from(buf, &mut Scan::default())
+}
+
+/// Where a [`scan_from`] stopped: the offset of the first element not yet scanned, and how many
+/// elements are still to come (over all the enclosing arrays).
+#[derive(Debug, Clone, Copy)]
+struct Scan {
+    at: usize,
+    left: i64,
+}
+
+impl Default for Scan {
+    fn default() -> Self {
+        Scan { at: 0, left: 1 }
+    }
+}
+
+/// [`scan`], resumed from `state` (which `buf` must still start where it did) and leaving in it
+/// where it stopped when more bytes are needed.
+fn scan_from(buf: &[u8], state: &mut Scan) -> RedisResult<Option<usize>> {
+    let Scan { mut at, mut left } = *state;
     while left > 0 {
+        // Saved before each element: an element cut short is scanned again whole.
+        *state = Scan { at, left };
         let Some(&kind) = buf.get(at) else {
             return Ok(None);
         };
@@ -427,8 +467,7 @@ fn scan(buf: &[u8]) -> RedisResult<Option<usize>> {
         if next == usize::MAX {
             return Err(protocol_error("a line without CRLF"));
         }
-        at += 1 + next;
-        left -= 1;
+        let mut end = at + 1 + next;
         match kind {
             b'+' | b'-' => {}
             b':' => {
@@ -437,14 +476,14 @@ fn scan(buf: &[u8]) -> RedisResult<Option<usize>> {
             b'$' => match number(text)? {
                 -1 => {}
                 n if (0..=MAX_LEN).contains(&n) => {
-                    let end = at + n as usize;
-                    if buf.len() < end + 2 {
+                    let body = end + n as usize;
+                    if buf.len() < body + 2 {
                         return Ok(None);
                     }
-                    if &buf[end..end + 2] != b"\r\n" {
+                    if &buf[body..body + 2] != b"\r\n" {
                         return Err(protocol_error("a bulk string without CRLF"));
                     }
-                    at = end + 2;
+                    end = body + 2;
                 }
                 _ => return Err(protocol_error("a bad bulk length")),
             },
@@ -455,12 +494,15 @@ fn scan(buf: &[u8]) -> RedisResult<Option<usize>> {
             },
             _ => return Err(protocol_error("an unknown type byte")),
         }
+        at = end;
+        left -= 1;
     }
+    *state = Scan { at, left };
     Ok(Some(at))
 }
 
-/// How deep arrays may nest in a reply (Redis's replies nest a few levels).
-const MAX_DEPTH: usize = 32;
+/// How deep arrays may nest in a reply (as in redis-rs; Redis's own replies nest a few levels).
+const MAX_DEPTH: usize = 100;
 
 /// Builds the value at `buf[*at..]`, which [`scan`] found whole and well formed, the way
 /// redis-rs does for RESP2, and moves `at` past it.

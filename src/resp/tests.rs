@@ -121,6 +121,45 @@ proptest! {
 }
 
 #[test]
+fn the_extreme_integers_are_read() {
+    for n in [i64::MIN, i64::MAX, 0, -1] {
+        let bytes = format!(":{n}\r\n");
+        let (value, _) = lean(bytes.as_bytes()).expect("well formed").expect("whole");
+        assert_eq!(value, Value::Int(n));
+    }
+    assert!(scan(b":9223372036854775808\r\n").is_err());
+    assert!(scan(b":-9223372036854775809\r\n").is_err());
+}
+
+#[test]
+fn a_reply_arriving_in_pieces_is_scanned_once() {
+    // Fed a byte at a time with the scan resumed from where it stopped, the reply is found whole
+    // at its last byte, as a scan of all of it finds it.
+    let mut reply = Vec::new();
+    Reply::Array(vec![
+        Reply::Bulk(b"hello".to_vec()),
+        Reply::Array(vec![
+            Reply::Int(-3),
+            Reply::NilBulk,
+            Reply::Simple("OK".into()),
+        ]),
+        Reply::Bulk(vec![b'x'; 300]),
+    ])
+    .encode(&mut reply);
+    let mut state = Scan::default();
+    for end in 1..reply.len() {
+        assert!(
+            matches!(scan_from(&reply[..end], &mut state), Ok(None)),
+            "at {end}"
+        );
+    }
+    assert_eq!(
+        scan_from(&reply, &mut state).expect("well formed"),
+        Some(reply.len())
+    );
+}
+
+#[test]
 fn malformed_replies_are_errors() {
     for bad in [
         &b"?what\r\n"[..],
