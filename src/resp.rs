@@ -283,15 +283,79 @@ impl redis::aio::ConnectionLike for LeanConn {
     }
 }
 
-/// The read connection of a stream loop: lean where [`eligible`], else redis-rs's. Clones share
-/// one connection (the lean one behind a lock: a loop has one read in flight at a time).
-#[derive(Clone)]
-pub enum ReadConn {
-    /// A lean connection, and its database.
-    Lean(std::sync::Arc<tokio::sync::Mutex<LeanConn>>, i64),
+/// A lean connection or one of redis-rs's, as one [`redis::aio::ConnectionLike`].
+#[derive(Clone, Debug)]
+pub enum Either<L, R> {
+    /// A lean connection.
+    Lean(L),
     /// redis-rs's (TLS, RESP3, a cluster, or lean connections turned off).
-    Redis(crate::connection::Conn),
+    Redis(R),
 }
+
+impl<L, R> redis::aio::ConnectionLike for Either<L, R>
+where
+    L: redis::aio::ConnectionLike + Send,
+    R: redis::aio::ConnectionLike + Send,
+{
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        match self {
+            Either::Lean(con) => con.req_packed_command(cmd),
+            Either::Redis(con) => con.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        match self {
+            Either::Lean(con) => con.req_packed_commands(pipeline, offset, count),
+            Either::Redis(con) => con.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Either::Lean(con) => con.get_db(),
+            Either::Redis(con) => con.get_db(),
+        }
+    }
+}
+
+/// A lean connection shared by clones, one request at a time (behind a lock).
+#[derive(Clone, Debug)]
+pub struct SharedLean {
+    con: std::sync::Arc<tokio::sync::Mutex<LeanConn>>,
+    db: i64,
+}
+
+impl redis::aio::ConnectionLike for SharedLean {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
+        Box::pin(async move { self.con.lock().await.req_packed_command(cmd).await })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let mut con = self.con.lock().await;
+            con.req_packed_commands(pipeline, offset, count).await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.db
+    }
+}
+
+/// The read connection of a stream loop: lean where [`eligible`], else redis-rs's. Clones share
+/// one connection (a loop has one read in flight at a time).
+pub type ReadConn = Either<SharedLean, crate::connection::Conn>;
 
 impl ReadConn {
     /// A read connection to `client` whose requests may take up to `response_timeout`: lean
@@ -305,87 +369,18 @@ impl ReadConn {
             if let Some(con) = LeanConn::new(c, response_timeout) {
                 let db = con.db;
                 let con = std::sync::Arc::new(tokio::sync::Mutex::new(con));
-                return Ok(ReadConn::Lean(con, db));
+                return Ok(Either::Lean(SharedLean { con, db }));
             }
         }
         crate::connection::connect(client, response_timeout)
             .await
-            .map(ReadConn::Redis)
-    }
-}
-
-impl redis::aio::ConnectionLike for ReadConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        match self {
-            ReadConn::Lean(con, _) => {
-                Box::pin(async move { con.lock().await.req_packed_command(cmd).await })
-            }
-            ReadConn::Redis(con) => con.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        match self {
-            ReadConn::Lean(con, _) => Box::pin(async move {
-                con.lock()
-                    .await
-                    .req_packed_commands(pipeline, offset, count)
-                    .await
-            }),
-            ReadConn::Redis(con) => con.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            ReadConn::Lean(_, db) => *db,
-            ReadConn::Redis(con) => con.get_db(),
-        }
+            .map(Either::Redis)
     }
 }
 
 /// A connection of the planned path's own (see `apply::planned`): lean where [`eligible`], else
 /// a multiplexed connection of redis-rs.
-#[derive(Debug)]
-pub enum OwnConn {
-    /// A lean connection.
-    Lean(LeanConn),
-    /// redis-rs's.
-    Redis(redis::aio::MultiplexedConnection),
-}
-
-impl redis::aio::ConnectionLike for OwnConn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        match self {
-            OwnConn::Lean(con) => con.req_packed_command(cmd),
-            OwnConn::Redis(con) => con.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        match self {
-            OwnConn::Lean(con) => con.req_packed_commands(pipeline, offset, count),
-            OwnConn::Redis(con) => con.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            OwnConn::Lean(con) => con.db,
-            OwnConn::Redis(con) => con.get_db(),
-        }
-    }
-}
+pub type OwnConn = Either<LeanConn, redis::aio::MultiplexedConnection>;
 
 fn protocol_error(what: &str) -> RedisError {
     io::Error::new(
