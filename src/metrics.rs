@@ -61,6 +61,12 @@ pub const BREAKER_TRANSITIONS: &str = "presence_breaker_transitions_total";
 /// Consumer loops restarted by the watchdog after a stall (no progress, no error, for the stall
 /// limit). Should stay 0: anything else is a bug to report.
 pub const LOOP_RESTARTS: &str = "presence_loop_restarts_total";
+/// Documents applied on the planned path (decided by the worker, written in `MULTI`/`EXEC`;
+/// see `apply::planned`).
+pub const PLANNED_DOCUMENTS: &str = "presence_planned_documents_total";
+/// Chunks of documents on the planned path whose `EXEC` found a watched key changed (another
+/// replica, an expiry visit, `repair`): the script applied them instead.
+pub const PLANNED_CONFLICTS: &str = "presence_planned_conflicts_total";
 /// Always 1, with labels `version` and `git_sha`.
 pub const BUILD_INFO: &str = "presence_build_info";
 
@@ -88,6 +94,8 @@ pub const ALL: &[&str] = &[
     BREAKER_STATE,
     BREAKER_TRANSITIONS,
     LOOP_RESTARTS,
+    PLANNED_DOCUMENTS,
+    PLANNED_CONFLICTS,
     BUILD_INFO,
 ];
 
@@ -204,6 +212,12 @@ pub fn redis_error(e: &Error) {
 pub fn breaker(to: BreakerState) {
     gauge!(BREAKER_STATE).set(to.as_gauge());
     counter!(BREAKER_TRANSITIONS, "to" => to.as_str()).increment(1);
+}
+
+/// Counts documents applied on the planned path and chunks it left to the script after a conflict.
+pub fn planned(documents: u64, conflicts: u64) {
+    counter!(PLANNED_DOCUMENTS).increment(documents);
+    counter!(PLANNED_CONFLICTS).increment(conflicts);
 }
 
 /// Counts a consumer loop restarted by the watchdog.

@@ -192,6 +192,7 @@ fn exported_types() -> BTreeMap<String, String> {
     metrics::breaker(presence_worker::breaker::BreakerState::Open);
     metrics::group("presence", Some(1), 1, 1);
     metrics::sampled(1, 1, 1, 1);
+    metrics::planned(1, 1);
     handle
         .render()
         .lines()

@@ -103,6 +103,14 @@ async fn metrics_health_and_readiness_follow_redis() {
         !body.contains("doc=\"") && !body.contains("user=\""),
         "no document or user labels"
     );
+    // The document went through the planned path (a standalone Redis, nothing configured that
+    // needs the script).
+    let planned: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("presence_planned_documents_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no presence_planned_documents_total:\n{body}"));
+    assert!(planned >= 1.0, "{body}");
 
     // Redis goes away: not ready within seconds; back: ready again, without a restart.
     server.kill();

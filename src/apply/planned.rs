@@ -173,6 +173,7 @@ impl Applier {
                 Ok(chunk_out) => {
                     let planned = chunk_out.iter().filter(|a| a.is_some()).count() as u64;
                     w.planned.fetch_add(planned, Ordering::Relaxed);
+                    crate::metrics::planned(planned, 0);
                     for (&i, a) in chunk.iter().zip(chunk_out) {
                         out[i] = a;
                     }
@@ -256,6 +257,7 @@ impl Applier {
         let done: Value = pipe.query_async(con).await?;
         if matches!(done, Value::Nil) {
             conflicts.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::planned(0, 1);
             tracing::debug!(
                 documents = docs.len(),
                 "a watched key changed: the script applies the chunk"
