@@ -83,10 +83,9 @@ pub struct LeanConn {
     password: Option<String>,
     db: i64,
     response_timeout: Duration,
+    /// The open connection; `None` after a failed or abandoned request (the next one opens a
+    /// new connection).
     stream: Option<Stream>,
-    /// Set while a request is on the wire: if still set when the next one starts, the previous
-    /// one was dropped before its reply, and the connection is not reused.
-    busy: bool,
     out: Vec<u8>,
     input: Vec<u8>,
 }
@@ -110,7 +109,6 @@ impl LeanConn {
             db: settings.db(),
             response_timeout,
             stream: None,
-            busy: false,
             out: Vec::new(),
             input: Vec::new(),
         })
@@ -118,27 +116,25 @@ impl LeanConn {
 
     /// Sends the request in `self.out` and reads `replies` replies.
     async fn exchange(&mut self, replies: usize) -> RedisResult<Vec<Value>> {
-        if std::mem::replace(&mut self.busy, true) {
-            self.stream = None;
-        }
         // Dropped before the reply (a cancelled blocking read): the connection is closed at
-        // once, so that Redis unblocks it and delivers nothing more to it.
-        let request = Abandoned(self);
-        let timeout = request.0.response_timeout;
-        let result = match tokio::time::timeout(timeout, request.0.round(replies)).await {
+        // once, so that Redis unblocks it, delivers nothing more to it, and no later request
+        // reads that reply.
+        let mut request = Request {
+            con: self,
+            done: false,
+        };
+        let timeout = request.con.response_timeout;
+        let result = match tokio::time::timeout(timeout, request.con.round(replies)).await {
             Ok(r) => r,
             Err(_) => {
                 Err(io::Error::new(io::ErrorKind::TimedOut, "Redis did not reply in time").into())
             }
         };
-        let this = &mut *request.0;
-        if result.is_err() {
-            this.stream = None;
-            this.input.clear();
-        }
-        this.input.shrink_to(KEEP_BUFFER);
-        this.out.shrink_to(KEEP_BUFFER);
-        this.busy = false;
+        // After a failure the connection's state is unknown: the next request opens a new one.
+        request.done = result.is_ok();
+        let con = &mut *request.con;
+        con.input.shrink_to(KEEP_BUFFER);
+        con.out.shrink_to(KEEP_BUFFER);
         result
     }
 
@@ -225,14 +221,17 @@ async fn read_replies(
     Ok(values)
 }
 
-/// A request in progress on a [`LeanConn`]: if dropped before it ends (`busy` still set), the
-/// connection is closed.
-struct Abandoned<'a>(&'a mut LeanConn);
+/// A request in progress on a [`LeanConn`]: unless `done`, the connection is closed when it is
+/// dropped.
+struct Request<'a> {
+    con: &'a mut LeanConn,
+    done: bool,
+}
 
-impl Drop for Abandoned<'_> {
+impl Drop for Request<'_> {
     fn drop(&mut self) {
-        if self.0.busy {
-            self.0.stream = None;
+        if !self.done {
+            self.con.stream = None;
         }
     }
 }
@@ -284,7 +283,7 @@ impl redis::aio::ConnectionLike for LeanConn {
 }
 
 /// A lean connection or one of redis-rs's, as one [`redis::aio::ConnectionLike`].
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub enum Either<L, R> {
     /// A lean connection.
     Lean(L),
@@ -324,38 +323,8 @@ where
     }
 }
 
-/// A lean connection shared by clones, one request at a time (behind a lock).
-#[derive(Clone, Debug)]
-pub struct SharedLean {
-    con: std::sync::Arc<tokio::sync::Mutex<LeanConn>>,
-    db: i64,
-}
-
-impl redis::aio::ConnectionLike for SharedLean {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, Value> {
-        Box::pin(async move { self.con.lock().await.req_packed_command(cmd).await })
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> redis::RedisFuture<'a, Vec<Value>> {
-        Box::pin(async move {
-            let mut con = self.con.lock().await;
-            con.req_packed_commands(pipeline, offset, count).await
-        })
-    }
-
-    fn get_db(&self) -> i64 {
-        self.db
-    }
-}
-
-/// The read connection of a stream loop: lean where [`eligible`], else redis-rs's. Clones share
-/// one connection (a loop has one read in flight at a time).
-pub type ReadConn = Either<SharedLean, crate::connection::Conn>;
+/// The read connection of a stream loop: lean where [`eligible`], else redis-rs's.
+pub type ReadConn = Either<LeanConn, crate::connection::Conn>;
 
 impl ReadConn {
     /// A read connection to `client` whose requests may take up to `response_timeout`: lean
@@ -367,9 +336,7 @@ impl ReadConn {
     ) -> crate::error::Result<Self> {
         if let (true, crate::connection::Client::Single(c)) = (lean, client) {
             if let Some(con) = LeanConn::new(c, response_timeout) {
-                let db = con.db;
-                let con = std::sync::Arc::new(tokio::sync::Mutex::new(con));
-                return Ok(Either::Lean(SharedLean { con, db }));
+                return Ok(Either::Lean(con));
             }
         }
         crate::connection::connect(client, response_timeout)

@@ -189,12 +189,10 @@ pub async fn run_with_stats(
             leader: i == 0,
             streams: streams.clone(),
             apply_con: apply_con.clone(),
-            read_con: ReadConn::connect(
-                &client,
-                config.block + config.response_timeout,
-                config.lean,
-            )
-            .await?,
+            read_con: tokio::sync::Mutex::new(
+                ReadConn::connect(&client, config.block + config.response_timeout, config.lean)
+                    .await?,
+            ),
             client: client.clone(),
             progress: progress[i].clone(),
             leases_off: Default::default(),
@@ -237,8 +235,9 @@ struct Worker {
     applier: Applier,
     acker: Acker,
     apply_con: Conn,
-    /// Reads new entries (lean where it can: see [`crate::resp`]).
-    read_con: ReadConn,
+    /// Reads new entries (lean where it can: see [`crate::resp`]); one read at a time, the lock
+    /// only lets a read ahead borrow it while the loop holds `&self`.
+    read_con: tokio::sync::Mutex<ReadConn>,
     /// Where Redis is: a loop restarted by the watchdog opens fresh connections.
     client: connection::Client,
     /// This loop's liveness, watched by [`Worker::supervised`].
@@ -359,7 +358,7 @@ impl Worker {
         };
         match tokio::time::timeout(Duration::from_secs(30), fresh).await {
             Ok(Ok((read, apply))) => {
-                self.read_con = read;
+                *self.read_con.get_mut() = read;
                 self.apply_con = apply;
             }
             Ok(Err(e)) => {
@@ -408,7 +407,7 @@ impl Worker {
                 bounded(
                     limit,
                     read::read(
-                        &mut self.read_con,
+                        self.read_con.get_mut(),
                         &c.stream,
                         &c.group,
                         &c.consumer,
@@ -653,7 +652,7 @@ impl Worker {
     /// there is always something), or on a cluster a blocking read on the read connection.
     async fn read_ahead(&self, arrived: bool) -> Result<batch::Prepared> {
         let c = &self.config;
-        let mut con = self.read_con.clone();
+        let mut con = self.read_con.lock().await;
         let (limits, max) = (&c.limits, c.max_deliveries);
         if arrived || !self.leased() {
             let from = if arrived {
@@ -661,11 +660,11 @@ impl Worker {
             } else {
                 ReadFrom::New(c.block)
             };
-            let read = read::read(&mut con, &c.stream, &c.group, &c.consumer, c.batch, from);
+            let read = read::read(&mut *con, &c.stream, &c.group, &c.consumer, c.batch, from);
             let entries = guard(&self.breaker, bounded(read_limit(c), read)).await?;
             return Ok(batch::prepare(entries, limits, max, &HashMap::new()));
         }
-        let read = crate::lease::read(&mut con, &c.stream, &c.group, &c.consumer, c.batch);
+        let read = crate::lease::read(&mut *con, &c.stream, &c.group, &c.consumer, c.batch);
         let read = match guard(&self.breaker, bounded(read_limit(c), read)).await {
             // Refused outright (an ACL without `eval`, say): nothing was read.
             Err(Error::Redis(e)) if matches!(e.code(), Some("NOPERM" | "EXECABORT")) => {
