@@ -74,27 +74,23 @@ pub(crate) struct DocStep {
 /// them): the order of [`DocRead::values`] and of the script's packed sessions.
 pub(crate) fn users_of(update: &DocUpdate) -> (Vec<&str>, Vec<usize>) {
     let mut users: Vec<&str> = Vec::with_capacity(update.sessions.len());
-    // Most documents of a batch have a few sessions: a walk is cheaper than a map.
-    if update.sessions.len() <= 8 {
-        let user_of = update
-            .sessions
-            .iter()
-            .map(|s| match users.iter().position(|&u| u == s.user) {
-                Some(u) => u,
-                None => {
-                    users.push(&s.user);
-                    users.len() - 1
-                }
-            })
-            .collect();
-        return (users, user_of);
-    }
+    // Most documents of a batch have a few sessions: a walk is cheaper than a map (which stays
+    // empty, unallocated, for them).
+    let walk = update.sessions.len() <= 8;
     let mut index: crate::coalesce::FastMap<&str, usize> = Default::default();
     let user_of = update
         .sessions
         .iter()
         .map(|s| {
-            *index.entry(&s.user).or_insert_with(|| {
+            let seen = if walk {
+                users.iter().position(|&u| u == s.user)
+            } else {
+                index.get(s.user.as_str()).copied()
+            };
+            seen.unwrap_or_else(|| {
+                if !walk {
+                    index.insert(&s.user, users.len());
+                }
                 users.push(&s.user);
                 users.len() - 1
             })

@@ -95,6 +95,14 @@ impl Watched {
         ))
     }
 
+    /// Counts documents applied on the path and chunks whose `EXEC` found a watched key changed
+    /// (this applier's figures and the exported metrics).
+    fn count(&self, planned: u64, conflicts: u64) {
+        self.planned.fetch_add(planned, Ordering::Relaxed);
+        self.conflicts.fetch_add(conflicts, Ordering::Relaxed);
+        crate::metrics::planned(planned, conflicts);
+    }
+
     fn give_back(&self, con: OwnConn) {
         self.idle.lock().expect("idle connections").push(con);
     }
@@ -159,7 +167,7 @@ impl Applier {
                 let mut con = w.take().await?;
                 let chunk_docs: Vec<&DocUpdate> = chunk.iter().map(|&i| &docs[i]).collect();
                 // On an error the connection's WATCH state is unknown: it is dropped.
-                let out = self.rounds(&mut con, &chunk_docs, &w.conflicts).await?;
+                let out = self.rounds(w, &mut con, &chunk_docs).await?;
                 w.give_back(con);
                 Ok::<_, Error>(out)
             }
@@ -171,9 +179,7 @@ impl Applier {
         {
             match run {
                 Ok(chunk_out) => {
-                    let planned = chunk_out.iter().filter(|a| a.is_some()).count() as u64;
-                    w.planned.fetch_add(planned, Ordering::Relaxed);
-                    crate::metrics::planned(planned, 0);
+                    w.count(chunk_out.iter().filter(|a| a.is_some()).count() as u64, 0);
                     for (&i, a) in chunk.iter().zip(chunk_out) {
                         out[i] = a;
                     }
@@ -190,9 +196,9 @@ impl Applier {
 
     async fn rounds(
         &self,
+        w: &Watched,
         con: &mut OwnConn,
         docs: &[&DocUpdate],
-        conflicts: &AtomicU64,
     ) -> Result<Vec<Option<Applied>>> {
         let users: Vec<_> = docs.iter().map(|d| users_of(d)).collect();
         let records: Vec<String> = docs
@@ -256,8 +262,7 @@ impl Applier {
         // (An empty transaction still ends the WATCH.)
         let done: Value = pipe.query_async(con).await?;
         if matches!(done, Value::Nil) {
-            conflicts.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::planned(0, 1);
+            w.count(0, 1);
             tracing::debug!(
                 documents = docs.len(),
                 "a watched key changed: the script applies the chunk"
